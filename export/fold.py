@@ -160,7 +160,9 @@ class _Trace:
     # Reads of each watched tensor (layer outputs, layer weights and biases).
     uses: dict[int, int] = field(default_factory=lambda: defaultdict(int))
     # Each BatchNorm call: (id of its input if a layer produced it, what produced the input).
-    bn_calls: dict[int, list[tuple[int | None, str]]] = field(default_factory=lambda: defaultdict(list))
+    bn_calls: dict[int, list[tuple[int | None, str]]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
     keep: list[torch.Tensor] = field(default_factory=list)
     watched: set[int] = field(default_factory=set)
     producers: dict[int, tuple[weakref.ref[torch.Tensor], str]] = field(default_factory=dict)
@@ -377,8 +379,13 @@ def _named_batchnorms(model: nn.Module) -> dict[str, _BatchNorm]:
     seen: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, _BatchNorm) and id(module) not in seen:
-            if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
-                raise FoldError(f"BatchNorm '{name}' is lazy and uninitialized: run the model once first")
+            if (
+                isinstance(module, nn.modules.lazy.LazyModuleMixin)
+                and module.has_uninitialized_params()
+            ):
+                raise FoldError(
+                    f"BatchNorm '{name}' is lazy and uninitialized: run the model once first"
+                )
             seen.add(id(module))
             found[name] = module
     return found

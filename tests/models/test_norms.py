@@ -19,12 +19,15 @@ from models.norms import (
     layer_norm_stats,
 )
 
-# Largest absolute difference allowed between the reference and torch.
+# Largest absolute difference allowed between the reference and torch (float64; the real
+# differences there are around 1e-15).
 ATOL = 1e-6
-# float32 only: torch's kernels order the arithmetic differently (eval mode folds everything
-# into x * alpha + beta), which costs a few ulps, and one float32 ulp at |y| = 4 is already
-# 4.8e-7. So float32 comparisons also allow this relative slack (about 8 ulps).
-FLOAT32_RTOL = 1e-6
+# float32 only. torch's kernels order the arithmetic differently (eval mode, for one, folds
+# everything into x * alpha + beta), which costs a few float32 ulps of the intermediate values,
+# and those reach |x_hat * weight| ~ 4, where one ulp is already 4.8e-7; when the output itself
+# is near 0 (cancellation against the bias) a relative tolerance cannot absorb that either.
+# Measured worst case over 300 random seeds: 2.9e-6; this leaves about 3.5x headroom.
+FLOAT32_ATOL = 1e-5
 
 DTYPES = [torch.float64, torch.float32]
 NUM_FEATURES = 4
@@ -41,8 +44,8 @@ BN_CASES = [
 def assert_close(actual: Tensor | None, expected: Tensor | None) -> None:
     assert actual is not None and expected is not None
     assert actual.dtype == expected.dtype
-    rtol = FLOAT32_RTOL if actual.dtype == torch.float32 else 0.0
-    torch.testing.assert_close(actual, expected, atol=ATOL, rtol=rtol)
+    atol = FLOAT32_ATOL if actual.dtype == torch.float32 else ATOL
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=0)
 
 
 def random_input(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> Tensor:

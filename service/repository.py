@@ -1,0 +1,261 @@
+"""The model repository format: the only thing that crosses from export/ to service/.
+
+Layout, familiar to Triton users::
+
+    <root>/<model>/config.json          ModelConfig below (signature, labels, batching, versions)
+    <root>/<model>/<version>/model.onnx one directory per integer version
+
+The format is defined once, here, by the pydantic models; export/ writes it through
+``install_model`` and the service reads it through ``load_repository``, so both sides agree
+by construction. Every model file's sha256 is recorded at export and checked at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from service.errors import IntegrityError, RepositoryError
+
+CONFIG_FILE = "config.json"
+MODEL_FILE = "model.onnx"
+FORMAT_VERSION = 1
+
+# Open Inference Protocol tensor datatypes (the names V2 clients send and expect).
+Datatype = Literal[
+    "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+    "FP16", "FP32", "FP64", "BYTES",
+]  # fmt: skip
+ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos, not extensions: reject them at load with the key's name.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TensorSpec(_Strict):
+    """One input or output: axis 0 is the batch axis and is always -1 (any size)."""
+
+    name: Annotated[str, Field(min_length=1)]
+    datatype: Datatype
+    shape: Annotated[list[Annotated[int, Field(ge=-1)]], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _batch_axis_is_variable(self) -> TensorSpec:
+        if self.shape[0] != -1:
+            raise ValueError(
+                f"tensor '{self.name}': axis 0 is the batch axis and must be -1, got {self.shape}"
+            )
+        return self
+
+
+class Batching(_Strict):
+    """Per-model dynamic batching; a field left out (None) takes the server's default."""
+
+    max_batch_size: Annotated[int, Field(ge=1)] | None = None
+    max_queue_delay_ms: Annotated[float, Field(ge=0)] | None = None
+    max_queue_size: Annotated[int, Field(ge=1)] | None = None
+
+
+class RuntimeOptions(_Strict):
+    """Per-model onnxruntime options; None takes the server's default."""
+
+    intra_op_threads: Annotated[int, Field(ge=1)] | None = None
+    graph_optimization_level: Literal["disable", "basic", "extended", "all"] | None = None
+
+
+class ModelVersion(_Strict):
+    """One exported file and the evidence that it is right."""
+
+    version: Annotated[int, Field(ge=1)]
+    file: str = MODEL_FILE
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    opset: int
+    exported_at: datetime
+    source: str = ""
+    bn_folded: int = 0
+    bn_kept: int = 0
+    layernorm_nodes: int = 0
+    # max|onnxruntime - torch| over the parity inputs, and the bound it was held to.
+    parity_max_abs_error: float
+    parity_bound: float
+
+
+class ModelConfig(_Strict):
+    format: Literal[1] = FORMAT_VERSION
+    name: ModelName
+    description: str = ""
+    platform: Literal["onnxruntime_onnx"] = "onnxruntime_onnx"
+    # The largest batch one inference request may carry (and the batcher forms).
+    max_batch_size: Annotated[int, Field(ge=1)] = 64
+    inputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    outputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    # Class names of a classifier, index i naming output column i; None for other models.
+    labels: list[str] | None = None
+    batching: Batching = Batching()
+    runtime: RuntimeOptions = RuntimeOptions()
+    versions: list[ModelVersion] = []
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        for kind, specs in (("input", self.inputs), ("output", self.outputs)):
+            names = [s.name for s in specs]
+            if len(set(names)) != len(names):
+                raise ValueError(f"{kind} names must be unique, got {names}")
+        numbers = [v.version for v in self.versions]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"versions must be unique, got {numbers}")
+        if self.labels is not None:
+            widths = {s.shape[-1] for s in self.outputs if len(s.shape) == 2}
+            if len(self.labels) not in widths:
+                raise ValueError(
+                    f"{len(self.labels)} labels do not match any [-1, C] output "
+                    f"(widths {sorted(widths)})"
+                )
+        return self
+
+    @property
+    def latest(self) -> ModelVersion:
+        if not self.versions:
+            raise RepositoryError(f"model '{self.name}' has no versions")
+        return max(self.versions, key=lambda v: v.version)
+
+    def version(self, number: int | None) -> ModelVersion:
+        """The given version, or the latest when ``number`` is None."""
+        if number is None:
+            return self.latest
+        for v in self.versions:
+            if v.version == number:
+                return v
+        raise RepositoryError(f"model '{self.name}' has no version {number}")
+
+    def same_signature(self, other: ModelConfig) -> bool:
+        return self.inputs == other.inputs and self.outputs == other.outputs
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_file(root: Path, config: ModelConfig, version: ModelVersion) -> Path:
+    return root / config.name / str(version.version) / version.file
+
+
+def read_config(path: Path) -> ModelConfig:
+    """The validated config at ``path``; RepositoryError names the file and the problem."""
+    try:
+        return ModelConfig.model_validate_json(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise RepositoryError(f"{path}: no such file") from exc
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+        )
+        raise RepositoryError(f"{path}: invalid model config: {problems}") from exc
+
+
+def list_models(root: Path) -> list[ModelConfig]:
+    """Every model config under ``root``, sorted by name; the directory name must match."""
+    if not root.is_dir():
+        raise RepositoryError(f"model repository {root} does not exist or is not a directory")
+    configs = []
+    for config_path in sorted(root.glob(f"*/{CONFIG_FILE}")):
+        config = read_config(config_path)
+        if config.name != config_path.parent.name:
+            raise RepositoryError(
+                f"{config_path}: name '{config.name}' differs from its directory "
+                f"'{config_path.parent.name}'"
+            )
+        configs.append(config)
+    return configs
+
+
+def verified_file(root: Path, config: ModelConfig, version: ModelVersion) -> Path:
+    """The model file of ``version``, after checking that its sha256 is the recorded one."""
+    path = model_file(root, config, version)
+    if not path.is_file():
+        raise RepositoryError(f"model '{config.name}' version {version.version}: {path} is missing")
+    actual = sha256_file(path)
+    if actual != version.sha256:
+        raise IntegrityError(
+            f"model '{config.name}' version {version.version}: {path} has sha256 {actual}, "
+            f"but {version.sha256} was recorded at export (file changed or corrupt; re-export it)"
+        )
+    return path
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # Write then rename: a reader never sees a half-written config or model.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def install_model(
+    root: Path,
+    config: ModelConfig,
+    onnx_path: Path,
+    version: ModelVersion,
+    *,
+    replace: bool = False,
+) -> ModelConfig:
+    """Copy ``onnx_path`` in as ``version`` of ``config.name`` and record it in config.json.
+
+    The sha256 is computed here from the copied bytes (``version.sha256`` is overwritten).
+    An existing model keeps its other versions when the signature is unchanged; a different
+    signature needs ``replace=True``, which drops the old versions. Returns the new config.
+    """
+    target_dir = root / config.name
+    existing: ModelConfig | None = None
+    if (target_dir / CONFIG_FILE).exists():
+        existing = read_config(target_dir / CONFIG_FILE)
+        if not replace and not existing.same_signature(config):
+            raise RepositoryError(
+                f"model '{config.name}' already exists in {root} with another signature "
+                f"(inputs/outputs differ): choose another name or replace it"
+            )
+    version_file = target_dir / str(version.version) / version.file
+    version_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = version_file.with_name(f".{version_file.name}.tmp")
+    shutil.copyfile(onnx_path, tmp)
+    os.replace(tmp, version_file)
+    recorded = version.model_copy(update={"sha256": sha256_file(version_file)})
+    kept = [] if existing is None or replace else existing.versions
+    versions = [v for v in kept if v.version != version.version] + [recorded]
+    if replace and existing is not None:
+        for old in existing.versions:
+            if old.version != version.version:
+                shutil.rmtree(target_dir / str(old.version), ignore_errors=True)
+    merged = config.model_copy(update={"versions": sorted(versions, key=lambda v: v.version)})
+    # Validate the merged result (model_copy does not) before it reaches the disk.
+    merged = ModelConfig.model_validate(merged.model_dump())
+    _atomic_write(target_dir / CONFIG_FILE, merged.model_dump_json(indent=2).encode() + b"\n")
+    return merged
+
+
+def next_version(root: Path, name: str) -> int:
+    """1 for a new model, else one more than its latest version."""
+    path = root / name / CONFIG_FILE
+    return read_config(path).latest.version + 1 if path.exists() else 1
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
