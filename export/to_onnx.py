@@ -82,6 +82,7 @@ class ExportReport:
     dropout_nodes: int
     # The unfolded eval model exported without the exporter's optimizer (each BN its own node)
     # versus the file written; params counts the initializer elements of each.
+    nodes_before: int
     nodes_after: int
     params_before: int
     params_after: int

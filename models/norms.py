@@ -214,23 +214,27 @@ class ReferenceBatchNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Normalize ``x`` per channel; see the class docstring for which statistics."""
         self._check_input(x)
+        # The steps run in float64 and the result is rounded once to the input's dtype: a
+        # reference should not add rounding of its own, so what remains is torch's.
+        x64 = x.to(torch.float64)
         # Like torch: without running statistics, batch statistics are used even in eval.
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
-            mean, var, unbiased_var = batch_norm_train_stats(x)
+            mean, var, unbiased_var = batch_norm_train_stats(x64)
             if self.training and self.track_running_stats:
                 self._update_running_stats(mean.detach(), unbiased_var.detach())
         else:
             assert self.running_mean is not None and self.running_var is not None
-            mean, var = self.running_mean, self.running_var
+            mean, var = self.running_mean.to(torch.float64), self.running_var.to(torch.float64)
 
         ndim = x.dim()
-        x_hat = (x - _channel_view(mean, ndim)) / torch.sqrt(_channel_view(var, ndim) + self.eps)
+        x_hat = (x64 - _channel_view(mean, ndim)) / torch.sqrt(_channel_view(var, ndim) + self.eps)
         if self.affine:
             assert self.weight is not None and self.bias is not None
-            gamma, beta = _channel_view(self.weight, ndim), _channel_view(self.bias, ndim)
-            return x_hat * gamma + beta
-        return x_hat
+            gamma = _channel_view(self.weight.to(torch.float64), ndim)
+            beta = _channel_view(self.bias.to(torch.float64), ndim)
+            x_hat = x_hat * gamma + beta
+        return x_hat.to(x.dtype)
 
 
 class ReferenceLayerNorm(nn.Module):
@@ -294,11 +298,13 @@ class ReferenceLayerNorm(nn.Module):
                 f"expected an input whose trailing dims are {self.normalized_shape}, "
                 f"got input size {x.size()}"
             )
-        mean, var = layer_norm_stats(x, k)
-        y = (x - mean) / torch.sqrt(var + self.eps)
+        # float64 steps, rounded once to the input's dtype (see ReferenceBatchNorm.forward).
+        x64 = x.to(torch.float64)
+        mean, var = layer_norm_stats(x64, k)
+        y = (x64 - mean) / torch.sqrt(var + self.eps)
         # weight/bias have shape normalized_shape, which broadcasts against the trailing dims.
         if self.weight is not None:
-            y = y * self.weight
+            y = y * self.weight.to(torch.float64)
         if self.bias is not None:
-            y = y + self.bias
-        return y
+            y = y + self.bias.to(torch.float64)
+        return y.to(x.dtype)
