@@ -103,6 +103,7 @@ def _build_one(
             labels=spec.labels,
             version=1,
             replace=True,
+            metrics={"test_accuracy": round(accuracy, 4)},
         )
     log(
         f"[{spec.name}] exported in {time.perf_counter() - started:.1f} s: {report.summary()} "

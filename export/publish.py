@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from export.to_onnx import ExportReport, TensorInfo
@@ -28,6 +28,7 @@ def publish(
     version: int | None = None,
     max_batch_size: int = DEFAULT_MAX_BATCH,
     replace: bool = False,
+    metrics: Mapping[str, float] | None = None,
 ) -> ModelConfig:
     """Install ``report.path`` as ``name`` (version: given, else the next free one)."""
     config = ModelConfig(
@@ -49,6 +50,7 @@ def publish(
         layernorm_nodes=report.layernorm_nodes,
         parity_max_abs_error=report.parity_max_abs_error,
         parity_bound=report.parity_bound,
+        metrics=dict(metrics or {}),
     )
     return install_model(repository, config, report.path, record, replace=replace)
 

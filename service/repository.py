@@ -87,6 +87,8 @@ class ModelVersion(_Strict):
     # max|onnxruntime - torch| over the parity inputs, and the bound it was held to.
     parity_max_abs_error: float
     parity_bound: float
+    # Quality measured at export, e.g. {"test_accuracy": 0.99} on the held-out split.
+    metrics: dict[str, float] = {}
 
 
 class ModelConfig(_Strict):

@@ -1,0 +1,36 @@
+# The two commands of README.md: `make serve` and `make test`. Each sets up what it needs.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+REPOSITORY ?= model_repository
+CHECKPOINTS ?= checkpoints
+
+.PHONY: serve test repository lint venv clean
+
+# pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[export,dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+# Trains what has no checkpoint and exports what the repository lacks; seconds when complete.
+repository: $(VENV)/.installed
+	$(BIN)/python -m export build --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS) --skip-existing
+
+serve: repository
+	@echo "The model repository is ready in $(REPOSITORY)/ (three default models)."
+	@echo "The inference service is the next issue; until it lands, make serve stops here."
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+# pytest exits 5 when it collected no test: make treats that like any failure.
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(REPOSITORY) $(CHECKPOINTS) .pytest_cache .ruff_cache

@@ -1,0 +1,66 @@
+"""Helpers shared by the export tests.
+
+BatchNorm's default statistics (mean 0, variance 1, weight 1, bias 0) make an identity map,
+so a wrong fold formula or a BatchNorm that silently vanished would still give right
+answers: every test that folds randomizes them first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.empty(n, dtype=torch.float64).uniform_(low, high, generator=generator)
+
+
+def randomize_batchnorms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random running_mean (-1..1), running_var (0.1..3), weight, bias and batch count."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if not isinstance(module, _BatchNorm):
+                continue
+            n = module.num_features
+            if module.running_mean is not None and module.running_var is not None:
+                module.running_mean.copy_(_uniform(n, -1.0, 1.0, generator))
+                module.running_var.copy_(_uniform(n, 0.1, 3.0, generator))
+            if module.num_batches_tracked is not None:
+                module.num_batches_tracked.fill_(
+                    int(torch.randint(1, 1000, (1,), generator=generator))
+                )
+            if module.affine:
+                module.weight.copy_(_uniform(n, -2.0, 2.0, generator))
+                module.bias.copy_(_uniform(n, -1.0, 1.0, generator))
+    return model
+
+
+def snapshot(model: nn.Module) -> Callable[[], None]:
+    """Records the model's state and modes; the returned function asserts they are unchanged."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    modes = [(name, m.training) for name, m in model.named_modules()]
+
+    def assert_unchanged() -> None:
+        now = model.state_dict()
+        assert now.keys() == state.keys()
+        for key, before in state.items():
+            assert now[key].dtype == before.dtype, key
+            assert torch.equal(now[key], before), f"{key} changed"
+        assert [(name, m.training) for name, m in model.named_modules()] == modes
+
+    return assert_unchanged
+
+
+@pytest.fixture(scope="session")
+def randomize_bn() -> Callable[..., nn.Module]:
+    return randomize_batchnorms
+
+
+@pytest.fixture(scope="session")
+def caller_snapshot() -> Callable[[nn.Module], Callable[[], None]]:
+    return snapshot

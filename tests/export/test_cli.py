@@ -1,0 +1,316 @@
+"""``python -m export onnx`` as a user runs it: a real subprocess on a user's own module.
+
+The user module lives in the test's temporary directory and is found through PYTHONPATH,
+as it would be for a user's project. Errors the user can fix must come out as one
+``error:`` line with exit status 2, never a traceback. Real exports take seconds each, so
+only three tests export; the refusals happen before any export starts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from service.repository import CONFIG_FILE, MODEL_FILE, list_models, read_config, verified_file
+
+USER_MODULE = "usermodels"
+USER_SOURCE = '''\
+"""A user's model module, as `python -m export onnx --model usermodels:tiny` imports it."""
+
+import torch
+from torch import nn
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 5),
+    )
+    # Non-default statistics: the defaults make BatchNorm an identity map.
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1.0, 1.0)
+        bn.running_var.uniform_(0.1, 3.0)
+        bn.weight.uniform_(-2.0, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+    return model
+
+
+def not_a_module():
+    return {"weights": [1, 2, 3]}
+'''
+INPUT_SHAPE = (3, 16, 16)
+LABELS = ["a", "b", "c", "d", "e"]
+
+
+def export_args(name: str = "tiny", *extra: str) -> list[str]:
+    """A successful export of the user's tiny model into ./repo, plus ``extra``."""
+    return [
+        "onnx",
+        "--model",
+        f"{USER_MODULE}:tiny",
+        "--input-shape",
+        ",".join(map(str, INPUT_SHAPE)),
+        "--name",
+        name,
+        "--repository",
+        "repo",
+        "--labels",
+        ",".join(LABELS),
+        *extra,
+    ]
+
+
+TIMEOUT_S = 300
+
+
+def write_user_module(directory: Path) -> Path:
+    path = directory / f"{USER_MODULE}.py"
+    path.write_text(USER_SOURCE)
+    return path
+
+
+def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(cwd), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONIOENCODING"] = "utf-8"
+    return subprocess.run(
+        [sys.executable, "-m", "export", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def load_user_module(path: Path) -> ModuleType:
+    """The user module imported in this process, under a name no other test uses."""
+    spec = importlib.util.spec_from_file_location(f"_cli_test_{USER_MODULE}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_user_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    """Exit 2 with an ``error:`` line holding every fragment, and no traceback."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    message = result.stderr[result.stderr.index("error:") :]
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> None:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), (
+        f"expected one 'error:' line, got {len(lines)} lines:\n{result.stderr}"
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    write_user_module(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def first_export(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    directory = tmp_path_factory.mktemp("cli-export")
+    write_user_module(directory)
+    return directory, run_cli(directory, *export_args())
+
+
+# --- exports ------------------------------------------------------------------------------
+
+
+def test_export_installs_version_one(
+    first_export: tuple[Path, subprocess.CompletedProcess[str]],
+) -> None:
+    directory, result = first_export
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    summary = [line for line in result.stdout.splitlines() if "parity max|Δ|=" in line]
+    assert len(summary) == 1, result.stdout
+    assert "BN folded 1/1" in summary[0]
+    assert f"{Path('repo') / 'tiny'} version 1" in result.stdout
+
+    repo = directory / "repo"
+    data = json.loads((repo / "tiny" / CONFIG_FILE).read_text())
+    assert data["name"] == "tiny"
+    assert data["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, *INPUT_SHAPE]}]
+    assert data["outputs"] == [{"name": "output", "datatype": "FP32", "shape": [-1, 5]}]
+    assert data["labels"] == LABELS
+    assert [v["version"] for v in data["versions"]] == [1]
+    version = data["versions"][0]
+    assert version["source"] == f"{USER_MODULE}:tiny"
+    assert version["bn_folded"] == 1
+    assert version["bn_kept"] == 0
+    assert 0 <= version["parity_max_abs_error"] <= version["parity_bound"]
+
+    onnx_path = repo / "tiny" / "1" / MODEL_FILE
+    assert onnx_path.is_file()
+    config = read_config(repo / "tiny" / CONFIG_FILE)
+    assert [c.name for c in list_models(repo)] == ["tiny"]
+    assert verified_file(repo, config, config.latest) == onnx_path
+
+
+def test_export_again_adds_version_two(
+    first_export: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path
+) -> None:
+    directory, first = first_export
+    assert first.returncode == 0, first.stderr
+    shutil.copytree(directory / "repo", workdir / "repo")
+    v1 = (workdir / "repo" / "tiny" / "1" / MODEL_FILE).read_bytes()
+
+    result = run_cli(workdir, *export_args())
+    assert result.returncode == 0, result.stderr
+    assert f"{Path('repo') / 'tiny'} version 2" in result.stdout
+
+    repo = workdir / "repo"
+    config = read_config(repo / "tiny" / CONFIG_FILE)
+    assert [v.version for v in config.versions] == [1, 2]
+    assert (repo / "tiny" / "1" / MODEL_FILE).read_bytes() == v1
+    for version in config.versions:
+        verified_file(repo, config, version)
+
+
+def test_state_dict_checkpoint_is_loaded(workdir: Path) -> None:
+    user = load_user_module(workdir / f"{USER_MODULE}.py")
+    factory_model = user.tiny().eval()
+    trained = user.tiny()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for tensor in trained.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(0.5 * torch.randn(tensor.shape, generator=generator))
+        trained[1].running_var.abs_().add_(0.1)
+    trained.eval()
+    torch.save(trained.state_dict(), workdir / "trained.pt")
+
+    result = run_cli(workdir, *export_args("trained", "--checkpoint", "trained.pt"))
+    assert result.returncode == 0, result.stderr
+    assert "BN folded 1/1" in result.stdout
+
+    session = ort.InferenceSession(
+        str(workdir / "repo" / "trained" / "1" / MODEL_FILE),
+        providers=["CPUExecutionProvider"],
+    )
+    x = torch.randn(6, *INPUT_SHAPE, generator=generator)
+    (got,) = session.run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        reference = trained(x).numpy()
+        untrained = factory_model(x).numpy()
+    bound = 1e-5 * max(1.0, float(np.abs(reference).max()))
+    assert float(np.abs(got - reference).max()) <= bound
+    # The checkpoint's weights were used, not the factory's.
+    assert float(np.abs(got - untrained).max()) > 100 * bound
+
+
+# --- refusals -----------------------------------------------------------------------------
+
+
+def test_pickled_module_checkpoint_is_refused(workdir: Path) -> None:
+    user = load_user_module(workdir / f"{USER_MODULE}.py")
+    torch.save(user.tiny(), workdir / "whole.pt")
+    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "whole.pt"))
+    assert_user_error(result, "whole.pt", "weights_only", "state_dict")
+    assert not (workdir / "repo").exists()
+    assert_one_line_error(result)
+
+
+def test_unsupported_checkpoint_type_is_refused(workdir: Path) -> None:
+    user = load_user_module(workdir / f"{USER_MODULE}.py")
+    torch.save(user.tiny().state_dict(), workdir / "weights.bin")
+    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "weights.bin"))
+    assert_user_error(result, "weights.bin", "'.bin'", ".safetensors", ".pt")
+    assert_one_line_error(result)
+    assert not (workdir / "repo").exists()
+
+
+def test_safetensors_checkpoint_with_missing_keys_is_refused(workdir: Path) -> None:
+    user = load_user_module(workdir / f"{USER_MODULE}.py")
+    state = {k: v.contiguous() for k, v in user.tiny().state_dict().items()}
+    del state["1.running_mean"]
+    save_file(state, str(workdir / "partial.safetensors"))
+    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "partial.safetensors"))
+    assert_user_error(result, "partial.safetensors", "does not fit")
+    assert not (workdir / "repo").exists()
+    # The message must say what does not fit: the missing key.
+    assert "1.running_mean" in result.stderr, result.stderr
+
+
+def test_model_without_a_colon_is_refused(workdir: Path) -> None:
+    result = run_cli(
+        workdir, "onnx", "--model", "nocolon", "--input-shape", "3,16,16", "--name", "x"
+    )
+    assert_user_error(result, "pkg.module:factory", "nocolon")
+    assert_one_line_error(result)
+
+
+def test_factory_returning_a_non_module_is_refused(workdir: Path) -> None:
+    result = run_cli(
+        workdir,
+        "onnx",
+        "--model",
+        f"{USER_MODULE}:not_a_module",
+        "--input-shape",
+        "3,16,16",
+        "--name",
+        "x",
+        "--repository",
+        "repo",
+    )
+    assert_user_error(result, "not_a_module", "dict", "torch.nn.Module")
+    assert_one_line_error(result)
+    assert not (workdir / "repo").exists()
+
+
+def test_bad_input_shape_is_an_argparse_error(workdir: Path) -> None:
+    result = run_cli(
+        workdir, "onnx", "--model", f"{USER_MODULE}:tiny", "--input-shape", "3,x", "--name", "x"
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "usage:" in result.stderr
+    assert "--input-shape" in result.stderr
+    assert "'3,x'" in result.stderr
+
+
+def test_opset_below_17_is_refused(workdir: Path) -> None:
+    result = run_cli(workdir, *export_args("tiny", "--opset", "16"))
+    assert_user_error(result, "opset 16", "17")
+    assert_one_line_error(result)
+    assert not (workdir / "repo").exists()
+
+
+def test_help_lists_the_commands(workdir: Path) -> None:
+    result = run_cli(workdir, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "build" in result.stdout
+    assert "onnx" in result.stdout
