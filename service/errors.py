@@ -13,3 +13,27 @@ class RepositoryError(NormserveError, ValueError):
 
 class IntegrityError(RepositoryError):
     """A model file's sha256 differs from the one recorded at export."""
+
+
+class InvalidInput(NormserveError):
+    """The request is malformed or does not fit the model's signature (HTTP 400)."""
+
+
+class ModelNotFound(NormserveError):
+    """No such model or version in the repository (HTTP 404)."""
+
+
+class ModelNotReady(NormserveError):
+    """The model exists but is not loaded or failed to load (HTTP 503)."""
+
+
+class Overloaded(NormserveError):
+    """The model's queue is full; the client should retry later (HTTP 503 + Retry-After)."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceeded(NormserveError):
+    """The request's timeout passed before its inference could run (HTTP 504)."""

@@ -286,7 +286,7 @@ def test_fold_batchnorm_returns_the_module_of_the_report(
 
 
 def test_folded_module_is_entirely_in_eval_mode(randomize_bn: Callable[..., nn.Module]) -> None:
-    """"A new eval-mode module": every submodule, including what replaced the BatchNorms."""
+    """fold_batchnorm promises a new eval-mode module: every submodule, BN replacements too."""
     torch.manual_seed(SEED)
     model = randomize_bn(LayerThenBN(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5))).train()
     folded = fold_batchnorm(model, torch.randn(2, 3, 8, 8))
