@@ -16,6 +16,9 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from export.build import DEFAULT_CHECKPOINTS, DEFAULT_REPOSITORY, build_repository
 from export.checkpoint import CheckpointError, load_into
 from export.fold import FoldError
@@ -79,8 +82,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _onnx(args: argparse.Namespace) -> int:
-    import torch
-
     model = _load_factory(args.model)
     if args.checkpoint is not None:
         load_into(model, args.checkpoint)
@@ -113,8 +114,7 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_factory(target: str):  # -> nn.Module; torch is imported lazily for --help speed
-    from torch import nn
+def _load_factory(target: str) -> nn.Module:
 
     module_name, sep, attr = target.partition(":")
     if not sep or not module_name or not attr:

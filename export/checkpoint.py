@@ -7,6 +7,7 @@ a message that says what to do, because a pickle can run arbitrary code when loa
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,9 +37,14 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
+            # torch's own message is several lines and suggests weights_only=False, the unsafe
+            # option this refusal exists for: keep only the line naming what was refused.
+            found = re.search(r"Unsupported global: [^\n]*", str(exc))
+            what = f" ({_plain(found.group(0))})" if found else ""
             raise CheckpointError(
-                f"{path} cannot be loaded with torch.load(weights_only=True) ({exc}); "
-                "save the model's state_dict() (not the pickled module) or use safetensors"
+                f"{path} cannot be loaded with torch.load(weights_only=True){what}: it is not a "
+                "plain state_dict; save model.state_dict() (not the pickled module) or use "
+                "safetensors"
             ) from exc
         state = loaded.get("state_dict", loaded) if isinstance(loaded, Mapping) else loaded
         if not isinstance(state, Mapping) or not all(
@@ -58,12 +64,30 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 def load_into(model: nn.Module, path: Path) -> nn.Module:
     """``model`` with the weights of ``path``; every key must match (strict)."""
     state = load_state_dict(path)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {first}") from exc
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape differs for", wrong_shape),
+        )
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{path} does not fit {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes."""
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
 
 
 def save_safetensors(model: nn.Module, path: Path, metadata: Mapping[str, str]) -> None:

@@ -76,7 +76,8 @@ class ModelVersion(_Strict):
     """One exported file and the evidence that it is right."""
 
     version: Annotated[int, Field(ge=1)]
-    file: str = MODEL_FILE
+    # A plain file name inside the version directory: no path may leave the repository.
+    file: Annotated[str, Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.onnx$")] = MODEL_FILE
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     opset: int
     exported_at: datetime
