@@ -1,0 +1,179 @@
+"""One served model version: an onnxruntime session, its signature and input validation.
+
+Validation happens before onnxruntime sees the data, against the repository's signature, so
+every client error is a message that names the input and what was expected, never an
+onnxruntime exception string.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.errors import InvalidInput, RepositoryError
+from service.repository import ModelConfig, ModelVersion, TensorSpec
+
+_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+# V2 datatype -> numpy dtype of the tensors onnxruntime takes.
+NUMPY_DTYPES = {
+    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
+}  # fmt: skip
+_DATATYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    intra_op_threads: int
+    graph_optimization_level: str = "all"
+
+
+class OnnxModel:
+    """A loaded model version. ``run`` is thread-safe (onnxruntime sessions are)."""
+
+    def __init__(
+        self, config: ModelConfig, version: ModelVersion, path: Path, options: SessionOptions
+    ) -> None:
+        self.config = config
+        self.version = version
+        self.name = config.name
+        self.inputs = config.inputs
+        self.outputs = config.outputs
+        threads = config.runtime.intra_op_threads or options.intra_op_threads
+        level = config.runtime.graph_optimization_level or options.graph_optimization_level
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        # Batches are already parallel inside each operator; one inter-op thread avoids
+        # oversubscribing the CPU budget.
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = _LEVELS[level]
+        # Idle pool threads spinning would burn the CPUs other workers and requests need.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise RepositoryError(
+                f"model '{self.name}' version {version.version}: onnxruntime cannot load "
+                f"{path.name}: {type(exc).__name__}"
+            ) from exc
+        self._check_signature()
+        self.threads = threads
+
+    def _check_signature(self) -> None:
+        """The file must have the inputs and outputs config.json promises."""
+        for kind, specs, actual in (
+            ("input", self.inputs, self.session.get_inputs()),
+            ("output", self.outputs, self.session.get_outputs()),
+        ):
+            found = {a.name for a in actual}
+            missing = [s.name for s in specs if s.name not in found]
+            if missing:
+                raise RepositoryError(
+                    f"model '{self.name}': config.json names {kind}(s) {missing} that the ONNX "
+                    f"file does not have (it has {sorted(found)})"
+                )
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.config.max_batch_size
+
+    def validate(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The inputs in signature order, checked: names, datatype, rank, dims, batch, finite."""
+        expected = {s.name for s in self.inputs}
+        unexpected = sorted(set(tensors) - expected)
+        if unexpected:
+            raise InvalidInput(
+                f"model '{self.name}' has no input(s) {unexpected}; its inputs are "
+                f"{sorted(expected)}"
+            )
+        checked: dict[str, np.ndarray] = {}
+        batch: int | None = None
+        for spec in self.inputs:
+            if spec.name not in tensors:
+                raise InvalidInput(f"input '{spec.name}' is missing")
+            array = _check_tensor(spec, tensors[spec.name], self.max_batch_size)
+            if batch is not None and array.shape[0] != batch:
+                raise InvalidInput(
+                    f"input '{spec.name}' has batch size {array.shape[0]}, but another input "
+                    f"has {batch}: all inputs must have the same batch size"
+                )
+            batch = array.shape[0]
+            checked[spec.name] = array
+        return checked
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """All outputs for already validated inputs."""
+        names = [s.name for s in self.outputs]
+        results = self.session.run(names, dict(inputs))
+        return dict(zip(names, results, strict=True))
+
+    def warmup(self) -> float:
+        """One inference on zeros so the first request pays no lazy initialisation; seconds."""
+        started = time.perf_counter()
+        zeros = {
+            s.name: np.zeros([1, *[max(d, 1) for d in s.shape[1:]]], NUMPY_DTYPES[s.datatype])
+            for s in self.inputs
+        }
+        self.run(zeros)
+        return time.perf_counter() - started
+
+
+def datatype_of(array: np.ndarray) -> str:
+    return _DATATYPES.get(array.dtype, "BYTES" if array.dtype == object else str(array.dtype))
+
+
+def _check_tensor(spec: TensorSpec, array: np.ndarray, max_batch: int) -> np.ndarray:
+    want = NUMPY_DTYPES[spec.datatype]
+    if array.dtype != want:
+        raise InvalidInput(
+            f"input '{spec.name}': expected datatype {spec.datatype}, got {datatype_of(array)}"
+        )
+    shape = list(array.shape)
+    if len(shape) != len(spec.shape):
+        raise InvalidInput(
+            f"input '{spec.name}': expected shape {spec.shape} (rank {len(spec.shape)}), got "
+            f"{shape} (rank {len(shape)})" + _unbatched_hint(spec, shape)
+        )
+    for axis, (want_dim, got_dim) in enumerate(zip(spec.shape, shape, strict=True)):
+        if want_dim != -1 and want_dim != got_dim:
+            raise InvalidInput(
+                f"input '{spec.name}': expected shape {spec.shape}, got {shape} "
+                f"(axis {axis} must be {want_dim})"
+            )
+    if shape[0] < 1:
+        raise InvalidInput(f"input '{spec.name}': the batch is empty (shape {shape})")
+    if shape[0] > max_batch:
+        raise InvalidInput(
+            f"input '{spec.name}': batch size {shape[0]} exceeds the model's maximum "
+            f"{max_batch} (axis 0 is the batch axis); split the request"
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
+        raise InvalidInput(
+            f"input '{spec.name}': values must be finite; element {bad} (row-major) is "
+            f"{array.reshape(-1)[bad]}"
+        )
+    return np.ascontiguousarray(array)
+
+
+def _unbatched_hint(spec: TensorSpec, shape: list[int]) -> str:
+    if len(shape) == len(spec.shape) - 1 and all(
+        w in (-1, g) for w, g in zip(spec.shape[1:], shape, strict=True)
+    ):
+        return f"; the batch dimension is missing: send shape [1, {', '.join(map(str, shape))}]"
+    return ""

@@ -1,0 +1,106 @@
+"""Server settings: environment variables ``NORMSERVE_*`` or ``python -m service`` flags.
+
+Read once at start-up and passed into ``create_app(settings)``; nothing reads the environment
+later. Per-model values in config.json (``batching``, ``runtime``) override these defaults.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+OptimizationLevel = Literal["disable", "basic", "extended", "all"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NORMSERVE_", extra="forbid")
+
+    repository: Path = Field(
+        Path("model_repository"), description="Model repository directory (written by export)."
+    )
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="TCP port.")
+    workers: Annotated[int, Field(ge=1)] = Field(
+        1, description="Server processes; the CPU budget is split between them."
+    )
+    intra_op_threads: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="onnxruntime threads per session; default: CPUs available (affinity and "
+        "cgroup quota) divided by workers.",
+    )
+    graph_optimization_level: OptimizationLevel = Field(
+        "all", description="onnxruntime graph optimizations (disable|basic|extended|all)."
+    )
+    max_batch_size: Annotated[int, Field(ge=1)] = Field(
+        64, description="Largest batch the batcher forms (capped by each model's own limit)."
+    )
+    max_queue_delay_ms: Annotated[float, Field(ge=0)] = Field(
+        0.0,
+        description="Extra wait for more requests before running a batch. 0: run what queued "
+        "while the previous batch ran (a fixed window costs latency at low load).",
+    )
+    max_queue_size: Annotated[int, Field(ge=1)] = Field(
+        256, description="Requests waiting per model; beyond it: 503 with Retry-After."
+    )
+    request_timeout_ms: Annotated[float, Field(gt=0)] = Field(
+        30_000, description="Default per-request deadline; V2 'timeout' parameter overrides."
+    )
+    max_request_bytes: Annotated[int, Field(ge=1024)] = Field(
+        16 * 1024 * 1024, description="Largest request body accepted (413 beyond)."
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level."
+    )
+    access_log: bool = Field(True, description="One structured log line per request.")
+
+    @model_validator(mode="after")
+    def _fits_cpu_budget(self) -> Settings:
+        budget = cpu_budget()
+        if self.workers > budget:
+            raise ValueError(
+                f"workers={self.workers} exceeds the {budget} CPU(s) available to this process; "
+                "scale out with replicas instead"
+            )
+        if self.intra_op_threads is not None and self.workers * self.intra_op_threads > budget:
+            raise ValueError(
+                f"workers × intra_op_threads = {self.workers * self.intra_op_threads} exceeds "
+                f"the {budget} CPU(s) available; lower NORMSERVE_INTRA_OP_THREADS"
+            )
+        return self
+
+    @property
+    def threads_per_session(self) -> int:
+        return self.intra_op_threads or max(1, cpu_budget() // self.workers)
+
+
+def cpu_budget() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    ``os.cpu_count()`` reports the host's cores, which oversubscribes a container limited
+    to fewer (onnxruntime ignores cgroup limits itself).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cpus, quota) if quota is not None else cpus)
+
+
+def _cgroup_quota() -> int | None:
+    try:  # cgroup v2: "max 100000" or "<quota> <period>"
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        return None if quota == "max" else math.ceil(int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    try:  # cgroup v1
+        quota_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else math.ceil(quota_us / period_us)
+    except (OSError, ValueError):
+        return None
