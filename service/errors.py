@@ -37,3 +37,7 @@ class Overloaded(NormserveError):
 
 class DeadlineExceeded(NormserveError):
     """The request's timeout passed before its inference could run (HTTP 504)."""
+
+
+class PayloadTooLarge(NormserveError):
+    """The request body exceeds the configured limit (HTTP 413)."""

@@ -1,4 +1,6 @@
-"""Helpers shared by the export tests.
+"""Shared test helpers and fixtures: BN randomization, and the default repository built once.
+
+Helpers shared by the export tests.
 
 BatchNorm's default statistics (mean 0, variance 1, weight 1, bias 0) make an identity map,
 so a wrong fold formula or a BatchNorm that silently vanished would still give right
@@ -7,12 +9,18 @@ answers: every test that folds randomizes them first.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -64,3 +72,22 @@ def randomize_bn() -> Callable[..., nn.Module]:
 @pytest.fixture(scope="session")
 def caller_snapshot() -> Callable[[nn.Module], Callable[[], None]]:
     return snapshot
+
+
+@pytest.fixture(scope="session")
+def built_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, str]:
+    """(repository, checkpoints, build log) from ``python -m export build`` in a temp dir.
+
+    Trains the three default models from scratch (about a minute on 2 cores), exactly as
+    ``make serve`` does on a fresh clone.
+    """
+    work = tmp_path_factory.mktemp("build")
+    repository, checkpoints = work / "model_repository", work / "checkpoints"
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "build", "--repository", str(repository),
+         "--checkpoints", str(checkpoints)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return repository, checkpoints, result.stderr

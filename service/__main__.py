@@ -1,0 +1,85 @@
+"""``python -m service [--repository DIR] [--host H] [--port P] [--workers N] ...``
+
+Flags override ``NORMSERVE_*`` environment variables, which override the defaults. Invalid
+settings stop the server before it binds, with a message that says what to change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app
+from service.errors import RepositoryError
+from service.repository import list_models
+from service.settings import Settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path)
+    parser.add_argument("--host")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--intra-op-threads", type=int)
+    parser.add_argument("--max-batch-size", type=int)
+    parser.add_argument("--max-queue-delay-ms", type=float)
+    parser.add_argument("--max-queue-size", type=int)
+    parser.add_argument("--log-level")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+        list_models(settings.repository)  # fail now, not in a worker, when it is unusable
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    except RepositoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    if settings.workers == 1:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            access_log=False,  # the app writes its own structured access log
+            timeout_graceful_shutdown=30,
+        )
+    else:
+        # Worker processes import the app by name and rebuild Settings from the environment.
+        _export_environment(settings)
+        uvicorn.run(
+            "service.app:app_from_environment",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    return 0
+
+
+def _export_environment(settings: Settings) -> None:
+    for name, value in settings.model_dump().items():
+        if value is not None:
+            os.environ[f"NORMSERVE_{name.upper()}"] = str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The FastAPI application: lifespan, the one error-to-status map, access logs and metrics.
+
+``create_app(settings)`` builds everything from the settings it is given; nothing happens at
+import time. Models load and warm up in the lifespan (in a thread, so the event loop stays
+free), and the batchers start there, bound to the running loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import v1, v2
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    NormserveError,
+    Overloaded,
+    PayloadTooLarge,
+)
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import ModelStore
+
+log = logging.getLogger("normserve")
+access_log = logging.getLogger("normserve.access")
+
+# The one place that knows HTTP statuses. Order matters: subclasses before their bases.
+STATUS: list[tuple[type[NormserveError], int]] = [
+    (InvalidInput, 400),
+    (ModelNotFound, 404),
+    (PayloadTooLarge, 413),
+    (Overloaded, 503),
+    (ModelNotReady, 503),
+    (DeadlineExceeded, 504),
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+def status_for(exc: NormserveError) -> int:
+    return next((status for kind, status in STATUS if isinstance(exc, kind)), 500)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    # Every error is {"error": "..."}: what V2 clients (tritonclient) decode.
+    return Response(
+        orjson.dumps({"error": message}),
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    metrics = Metrics()
+    store = ModelStore(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        await asyncio.to_thread(store.load, metrics.on_batch)
+        store.start()
+        for name in store.names():
+            metrics.model_ready.labels(name).set(1 if name in store.served else 0)
+        log.info(
+            "serving %d model(s) from %s, ready=%s, start-up %.2f s",
+            len(store.served),
+            settings.repository,
+            store.ready,
+            time.perf_counter() - started,
+        )
+        yield
+        # uvicorn has finished the in-flight requests before this point; drain the queues.
+        await store.stop()
+
+    app = FastAPI(
+        title="normserve",
+        version=v2.SERVER_VERSION,
+        description="Open Inference Protocol (KServe V2 / Triton) and V1 JSON over onnxruntime.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.store = store
+    app.state.metrics = metrics
+    app.include_router(v2.router)
+    app.include_router(v1.router)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        # Queue depth is read when scraped: exact at that instant, no bookkeeping per request.
+        for name, served in store.served.items():
+            metrics.queue_depth.labels(name).set(served.batcher.depth)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    _install_error_handlers(app)
+    app.add_middleware(AccessMiddleware, metrics=metrics, store=store, enabled=settings.access_log)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NormserveError)
+    async def domain_error(request: Request, exc: NormserveError) -> Response:
+        headers = None
+        if isinstance(exc, Overloaded):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        return error_response(status_for(exc), str(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
+            for e in exc.errors()
+        )
+        return error_response(400, f"invalid request: {problems}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error")
+
+
+class AccessMiddleware:
+    """Request id, one structured access-log line and request metrics per request."""
+
+    def __init__(
+        self,
+        app: Callable[..., Awaitable[None]],
+        metrics: Metrics,
+        store: ModelStore,
+        enabled: bool,
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.store = store
+        self.enabled = enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            seconds = time.perf_counter() - started
+            self._observe(scope, status, seconds)
+            if self.enabled:
+                access_log.info(
+                    orjson.dumps(
+                        {
+                            "request_id": request_id,
+                            "method": scope.get("method"),
+                            "path": scope.get("path"),
+                            "status": status,
+                            "ms": round(seconds * 1000, 3),
+                            "client": (scope.get("client") or ("", 0))[0],
+                        }
+                    ).decode()
+                )
+
+    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
+        path = scope.get("path", "")
+        protocol = "v2" if path.endswith("/infer") else "v1" if path.endswith(":predict") else None
+        if protocol is None:
+            return
+        model = scope.get("path_params", {}).get("model_name", "")
+        # Only names the repository has become label values: a client must not be able to
+        # grow the metrics without bound by inventing model names.
+        known = model in self.store.served or model in self.store.failed
+        self.metrics.on_request(model if known else "unknown", protocol, status, seconds, known)
+
+
+def app_from_environment() -> FastAPI:
+    """The app from ``NORMSERVE_*`` variables: what each uvicorn worker process builds."""
+    return create_app(Settings())

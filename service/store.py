@@ -1,0 +1,123 @@
+"""The loaded models: one OnnxModel and one Batcher per model, readiness, and inference.
+
+Built in the app's lifespan from the repository. A model that fails to load (bad config,
+sha256 mismatch, onnxruntime refusal) is kept with its reason: the others are served, the
+server reports not ready (strict readiness, as Triton's default), and requests to the broken
+model get 503 with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.batcher import Batcher, BatchRecord
+from service.errors import ModelNotFound, ModelNotReady, NormserveError
+from service.repository import ModelConfig, list_models, verified_file
+from service.runtime import OnnxModel, SessionOptions
+from service.settings import Settings
+
+log = logging.getLogger("normserve.store")
+
+
+@dataclass
+class Served:
+    model: OnnxModel
+    batcher: Batcher
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def version(self) -> str:
+        return str(self.model.version.version)
+
+
+class ModelStore:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.served: dict[str, Served] = {}
+        self.failed: dict[str, str] = {}
+
+    def load(self, on_batch: Callable[[BatchRecord], None] | None = None) -> None:
+        """Load and warm up every model (blocking: call from a thread)."""
+        options = SessionOptions(
+            intra_op_threads=self.settings.threads_per_session,
+            graph_optimization_level=self.settings.graph_optimization_level,
+        )
+        for config in list_models(self.settings.repository):
+            try:
+                version = config.latest
+                path = verified_file(self.settings.repository, config, version)
+                model = OnnxModel(config, version, path, options)
+                seconds = model.warmup()
+            except NormserveError as exc:
+                log.error("model '%s' not loaded: %s", config.name, exc)
+                self.failed[config.name] = str(exc)
+                continue
+            batching = config.batching
+            self.served[config.name] = Served(
+                model,
+                Batcher(
+                    model,
+                    max_batch_size=min(
+                        batching.max_batch_size or self.settings.max_batch_size,
+                        config.max_batch_size,
+                    ),
+                    max_queue_delay_s=(
+                        batching.max_queue_delay_ms
+                        if batching.max_queue_delay_ms is not None
+                        else self.settings.max_queue_delay_ms
+                    )
+                    / 1000,
+                    max_queue_size=batching.max_queue_size or self.settings.max_queue_size,
+                    on_batch=on_batch,
+                ),
+            )
+            log.info(
+                "model '%s' version %d ready (%d threads, warm-up %.1f ms)",
+                config.name,
+                version.version,
+                model.threads,
+                seconds * 1000,
+            )
+
+    def start(self) -> None:
+        for served in self.served.values():
+            served.batcher.start()
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(s.batcher.stop() for s in self.served.values()))
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.served) and not self.failed
+
+    def names(self) -> list[str]:
+        return sorted([*self.served, *self.failed])
+
+    def get(self, name: str, version: str | None = None) -> Served:
+        served = self.served.get(name)
+        if served is None:
+            if name in self.failed:
+                raise ModelNotReady(f"model '{name}' is not available: it failed to load")
+            raise ModelNotFound(f"model '{name}' not found; available: {self.names()}")
+        if version not in (None, "", served.version):
+            raise ModelNotFound(
+                f"model '{name}' version '{version}' not found; served version: {served.version}"
+            )
+        return served
+
+    async def infer(
+        self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None
+    ) -> dict[str, np.ndarray]:
+        """Validate against the signature, then run in a batch before the deadline."""
+        inputs = served.model.validate(tensors)
+        timeout = timeout_ms if timeout_ms is not None else self.settings.request_timeout_ms
+        return await served.batcher.submit(inputs, time.perf_counter() + timeout / 1000)

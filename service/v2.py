@@ -1,0 +1,218 @@
+"""Open Inference Protocol (KServe V2 / Triton HTTP) routes. They only translate."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from service import codec
+from service.errors import InvalidInput, PayloadTooLarge
+from service.metrics import Metrics, ModelStats
+from service.store import ModelStore, Served
+
+SERVER_NAME = "normserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+HEADER_LENGTH = "inference-header-content-length"
+
+router = APIRouter()
+
+
+def get_store(request: Request) -> ModelStore:
+    store: ModelStore = request.app.state.store
+    return store
+
+
+Store = Annotated[ModelStore, Depends(get_store)]
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status_code=status, media_type="application/json")
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 past the configured limit (counted while streaming)."""
+    limit: int = request.app.state.settings.max_request_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ------------------------------------------------------------------------ server
+
+
+@router.get("/v2/health/live")
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+@router.get("/v2/health/ready")
+async def ready(store: Store) -> Response:
+    return json_response({"ready": store.ready}, 200 if store.ready else 503)
+
+
+@router.get("/v2")
+async def server_metadata() -> Response:
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
+
+
+# ------------------------------------------------------------------------ models
+
+
+def _metadata(served: Served) -> dict[str, Any]:
+    config = served.config
+    return {
+        "name": config.name,
+        "versions": [served.version],
+        "platform": config.platform,
+        "inputs": [s.model_dump() for s in config.inputs],
+        "outputs": [s.model_dump() for s in config.outputs],
+        "parameters": {
+            "description": config.description,
+            "max_batch_size": served.batcher.max_batch_size,
+            **({"labels": config.labels} if config.labels is not None else {}),
+        },
+    }
+
+
+# Declared before /v2/models/{model_name}, which would otherwise match 'stats' as a name.
+@router.get("/v2/models/stats")
+@router.get("/v2/models/{model_name}/stats")
+@router.get("/v2/models/{model_name}/versions/{version}/stats")
+async def model_stats(
+    request: Request, store: Store, model_name: str | None = None, version: str | None = None
+) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    names = [store.get(model_name, version).config.name] if model_name else list(store.served)
+    return json_response({"model_stats": [_stats(store.served[n], metrics) for n in names]})
+
+
+def _stats(served: Served, metrics: Metrics) -> dict[str, Any]:
+    s = metrics.stats.get(served.config.name, ModelStats())
+
+    def pair(count: int, ns: int) -> dict[str, int]:
+        return {"count": count, "ns": ns}
+
+    zero = pair(0, 0)
+    return {
+        "name": served.config.name,
+        "version": served.version,
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": pair(s.success_count, s.success_ns),
+            "fail": pair(s.fail_count, s.fail_ns),
+            "queue": pair(s.success_count + s.fail_count, s.queue_ns),
+            "compute_input": zero,
+            "compute_infer": pair(s.execution_count, s.compute_ns),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": zero,
+                "compute_infer": pair(count, ns),
+                "compute_output": zero,
+            }
+            for size, (count, ns) in sorted(s.batch_sizes.items())
+        ],
+    }
+
+
+@router.get("/v2/models/{model_name}")
+@router.get("/v2/models/{model_name}/versions/{version}")
+async def model_metadata(store: Store, model_name: str, version: str | None = None) -> Response:
+    return json_response(_metadata(store.get(model_name, version)))
+
+
+@router.get("/v2/models/{model_name}/ready")
+@router.get("/v2/models/{model_name}/versions/{version}/ready")
+async def model_ready(store: Store, model_name: str, version: str | None = None) -> Response:
+    served = store.get(model_name, version)
+    return json_response({"name": served.config.name, "ready": True})
+
+
+@router.get("/v2/models/{model_name}/config")
+@router.get("/v2/models/{model_name}/versions/{version}/config")
+async def model_config(store: Store, model_name: str, version: str | None = None) -> Response:
+    served = store.get(model_name, version)
+    config = served.config
+
+    def triton_tensor(spec: Any) -> dict[str, Any]:
+        # Triton's dims leave out the batch axis when max_batch_size > 0.
+        return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.shape[1:]}
+
+    return json_response(
+        {
+            "name": config.name,
+            "platform": "onnxruntime_onnx",
+            "backend": "onnxruntime",
+            "max_batch_size": served.batcher.max_batch_size,
+            "input": [triton_tensor(s) for s in config.inputs],
+            "output": [triton_tensor(s) for s in config.outputs],
+            "dynamic_batching": {
+                "max_queue_delay_microseconds": int(served.batcher.max_queue_delay_s * 1e6),
+                "default_queue_policy": {"max_queue_size": served.batcher.max_queue_size},
+            },
+            "version_policy": {"latest": {"num_versions": 1}},
+            "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+            "parameters": {"intra_op_thread_count": {"string_value": str(served.model.threads)}},
+        }
+    )
+
+
+@router.post("/v2/repository/index")
+async def repository_index(store: Store) -> Response:
+    index = [
+        {"name": name, "version": served.version, "state": "READY", "reason": ""}
+        for name, served in store.served.items()
+    ] + [
+        {"name": name, "state": "UNAVAILABLE", "reason": reason}
+        for name, reason in store.failed.items()
+    ]
+    return json_response(sorted(index, key=lambda e: e["name"]))
+
+
+# ------------------------------------------------------------------------ inference
+
+
+@router.post("/v2/models/{model_name}/infer")
+@router.post("/v2/models/{model_name}/versions/{version}/infer")
+async def infer(
+    request: Request, store: Store, model_name: str, version: str | None = None
+) -> Response:
+    served = store.get(model_name, version)
+    body = await read_body(request)
+    parsed = codec.decode_infer_request(body, _header_length(request))
+    outputs = await store.infer(served, parsed.inputs, parsed.timeout_ms)
+    payload, headers = codec.encode_infer_response(
+        served.config.name,
+        served.version,
+        parsed.id,
+        outputs,
+        parsed.outputs,
+        parsed.binary_output,
+    )
+    return Response(payload, headers=headers)
+
+
+def _header_length(request: Request) -> int | None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise InvalidInput(f"Inference-Header-Content-Length must be an integer, got '{value}'")
+    return int(value)
