@@ -53,6 +53,8 @@ _JSON_ELEMENTS: dict[str, tuple[frozenset[type], str]] = {
 }
 
 _LENGTH_PREFIX = struct.Struct("<I")
+_MAX_ITEMSIZE = max(dtype.itemsize for dtype in DATATYPE_TO_NUMPY.values())
+_MAX_BYTES = int(np.iinfo(np.intp).max)
 _UNSUPPORTED_TENSOR_PARAMETERS = ("shared_memory_region", "classification")
 
 
@@ -226,6 +228,10 @@ def _shape(name: str, value: Any, *, present: bool) -> tuple[int, ...]:
         raise InvalidInput(
             f"input {name!r}: shape must be a list of non-negative integers, got {_preview(value)}"
         )
+    # Zero-sized tensors still get reshaped, and numpy refuses shapes whose non-zero dims
+    # overflow its index type: refuse them here, with a message, instead of a 500 later.
+    if math.prod(dim for dim in value if dim) * _MAX_ITEMSIZE > _MAX_BYTES:
+        raise InvalidInput(f"input {name!r}: shape {_preview(value)} is too large")
     return tuple(value)
 
 
@@ -284,7 +290,7 @@ def _decode_binary(spec: _InputSpec, chunk: memoryview) -> np.ndarray:
             f"binary_data_size is {len(chunk)}"
         )
     array = np.frombuffer(chunk, dtype=dtype)
-    if False and array.size and array.view(np.uint8).max() > 1:
+    if spec.datatype == "BOOL" and array.size and array.view(np.uint8).max() > 1:
         raise spec.fail("BOOL binary data must hold only the bytes 0 and 1")
     if not array.flags.aligned:
         # The JSON header has any length, so the tail often starts at an odd offset; numpy copes
@@ -558,8 +564,8 @@ def _json_data(name: str, array: np.ndarray, datatype: str) -> Any:
     if datatype == "BYTES":
         return [_element_text(name, value) for value in array.ravel(order="C")]
     if datatype == "FP16":
-        # orjson's float16 output prints the widened binary value (0.0999755859375 for 0.1);
-        # float32 prints the shortest text that still round-trips to the same float16.
+        # Printed as float32's shortest text (0.099975586 for 0.1), which reads back as the same
+        # float16; recent orjson does this itself, the cast keeps it independent of the version.
         array = array.astype(np.float32)
     # orjson serializes only native-order, C-contiguous arrays; both are no-ops when already so.
     native = array.astype(array.dtype.newbyteorder("="), copy=False)

@@ -293,6 +293,7 @@ JSON_INPUT_REJECTIONS: list[Any] = [
     pytest.param(x(shape="2", data=[1, 2]), "shape must be a list", id="shape-not-list"),
     pytest.param(x(shape=[True, 2], data=[1, 2]), "shape must be a list", id="bool-dim"),
     pytest.param(x(shape=[2.0], data=[1, 2]), "shape must be a list", id="float-dim"),
+    pytest.param(x(shape=(0, 2**62), data=[]), "is too large", id="huge-empty-shape"),
     pytest.param(
         x(shape=(2, 3), data=[1, 2, 3, 4, 5]), "shape [2, 3] needs 6 elements, got 5", id="too-few"
     ),

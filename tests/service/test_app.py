@@ -1,0 +1,194 @@
+"""The app through FastAPI's TestClient (lifespan runs): errors, readiness, limits, V1, metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+from tiny_onnx import CLASSES, FEATURES, expected, tiny_repository
+
+from service.app import create_app
+from service.settings import Settings
+
+ATOL = 1e-5
+
+
+def _client(repository: Path, **settings: object) -> TestClient:
+    return TestClient(create_app(Settings(repository=repository, **settings)))
+
+
+@pytest.fixture
+def repository(tmp_path: Path) -> Path:
+    return tiny_repository(tmp_path)
+
+
+def _v2(x: np.ndarray, **extra: object) -> bytes:
+    body = {
+        "inputs": [
+            {"name": "x", "datatype": "FP32", "shape": list(x.shape), "data": x.ravel().tolist()}
+        ],
+        **extra,
+    }
+    return orjson.dumps(body)
+
+
+def test_v2_json_inference_and_metadata(repository: Path) -> None:
+    x = np.arange(2 * FEATURES, dtype=np.float32).reshape(2, FEATURES)
+    with _client(repository) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        assert client.get("/v2/health/ready").json() == {"ready": True}
+        meta = client.get("/v2/models/tiny").json()
+        assert meta["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, FEATURES]}]
+        assert meta["versions"] == ["1"]
+        response = client.post("/v2/models/tiny/versions/1/infer", content=_v2(x, id="abc"))
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["id"] == "abc" and body["model_version"] == "1"
+        (out,) = body["outputs"]
+        assert out["shape"] == [2, CLASSES] and out["datatype"] == "FP32"
+        np.testing.assert_allclose(
+            np.array(out["data"]).reshape(2, CLASSES), expected(x), atol=ATOL
+        )
+        assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "fragment"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        (_v2(np.zeros((1, FEATURES + 1), np.float32)), 400, "expected shape [-1, 4]"),
+        (_v2(np.zeros((FEATURES,), np.float32)), 400, "batch dimension is missing"),
+        (_v2(np.zeros((9, FEATURES), np.float32)), 400, "exceeds the model's maximum 8"),
+        (_v2(np.full((1, FEATURES), np.inf, np.float32)), 400, "must hold numbers, found null"),
+        (
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "datatype": "FP64", "shape": [1, 4], "data": [1, 2, 3, 4]}
+                    ]
+                }
+            ),
+            400,
+            "expected datatype FP32, got FP64",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {"name": "y", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}
+                    ]
+                }
+            ),
+            400,
+            "no input(s) ['y']",
+        ),
+    ],
+)
+def test_bad_requests_get_400_with_a_precise_message(
+    repository: Path, body: bytes, status: int, fragment: str
+) -> None:
+    with _client(repository) as client:
+        response = client.post("/v2/models/tiny/infer", content=body)
+        assert response.status_code == status
+        assert response.headers["content-type"] == "application/json"
+        assert fragment in response.json()["error"]
+
+
+def test_non_finite_binary_input_is_refused_before_onnxruntime(repository: Path) -> None:
+    x = np.zeros((2, FEATURES), np.float32)
+    x[1, 2] = np.nan
+    header = orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "x",
+                    "datatype": "FP32",
+                    "shape": [2, FEATURES],
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ]
+        }
+    )
+    with _client(repository) as client:
+        response = client.post(
+            "/v2/models/tiny/infer",
+            content=header + x.tobytes(),
+            headers={"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert response.status_code == 400
+        assert "finite" in response.json()["error"] and "element 6" in response.json()["error"]
+
+
+def test_unknown_things_get_404_json(repository: Path) -> None:
+    with _client(repository) as client:
+        for method, path in [
+            ("post", "/v2/models/nope/infer"),
+            ("get", "/v2/models/nope"),
+            ("get", "/v2/models/tiny/versions/7"),
+            ("get", "/no/such/route"),
+            ("post", "/v1/models/nope:predict"),
+        ]:
+            response = (
+                getattr(client, method)(path, content=b"{}")
+                if method == "post"
+                else client.get(path)
+            )
+            assert response.status_code == 404, path
+            assert "error" in response.json(), path
+
+
+def test_body_over_the_limit_is_413(repository: Path) -> None:
+    with _client(repository, max_request_bytes=2048) as client:
+        response = client.post("/v2/models/tiny/infer", content=b" " * 4096)
+        assert response.status_code == 413
+        assert "limit of 2048" in response.json()["error"]
+
+
+def test_corrupt_model_fails_readiness_not_the_server(repository: Path) -> None:
+    onnx_file = repository / "tiny" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\0")
+    with _client(repository) as client:
+        assert client.get("/v2/health/live").status_code == 200
+        ready = client.get("/v2/health/ready")
+        assert ready.status_code == 503 and ready.json() == {"ready": False}
+        response = client.post("/v2/models/tiny/infer", content=_v2(np.zeros((1, 4), np.float32)))
+        assert response.status_code == 503 and "failed to load" in response.json()["error"]
+        index = client.post("/v2/repository/index").json()
+        assert index[0]["state"] == "UNAVAILABLE" and "sha256" in index[0]["reason"]
+
+
+def test_v1_predict_returns_labels_and_probabilities(repository: Path) -> None:
+    x = np.array([[1.0, 0.0, -1.0, 2.0]], dtype=np.float32)
+    with _client(repository) as client:
+        response = client.post("/v1/models/tiny:predict", json={"instances": x.tolist()})
+        assert response.status_code == 200, response.text
+        (prediction,) = response.json()["predictions"]
+        logits = expected(x)[0]
+        assert prediction["label"] == "abc"[int(np.argmax(logits))]
+        assert abs(sum(prediction["probabilities"].values()) - 1) < 1e-5
+        np.testing.assert_allclose(prediction["logits"], logits, atol=ATOL)
+        bad = client.post("/v1/models/tiny:predict", json={"instances": [["a", "b", "c", "d"]]})
+        assert bad.status_code == 400 and "FP32" in bad.json()["error"]
+        ragged = client.post("/v1/models/tiny:predict", json={"instances": [[1, 2], [1, 2, 3]]})
+        assert ragged.status_code == 400 and "ragged" in ragged.json()["error"]
+        assert client.get("/v1/models/tiny").json()["ready"] is True
+
+
+def test_metrics_count_requests_by_status_without_inventing_labels(repository: Path) -> None:
+    with _client(repository) as client:
+        client.post("/v2/models/tiny/infer", content=_v2(np.zeros((3, 4), np.float32)))
+        client.post("/v2/models/tiny/infer", content=b"{")
+        client.post("/v2/models/made-up-name/infer", content=b"{}")
+        text = client.get("/metrics").text
+    assert 'normserve_requests_total{model="tiny",protocol="v2",status="200"} 1.0' in text
+    assert 'normserve_requests_total{model="tiny",protocol="v2",status="400"} 1.0' in text
+    assert 'model="made-up-name"' not in text and 'model="unknown"' in text
+    assert 'normserve_batch_size_sum{model="tiny"} 3.0' in text
+
+
+def test_settings_refuse_more_threads_than_cpus() -> None:
+    with pytest.raises(ValueError, match="exceeds"):
+        Settings(workers=1, intra_op_threads=10_000)

@@ -1,0 +1,153 @@
+"""The dynamic batcher with a real onnxruntime session: rows, overload, deadlines, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tiny_onnx import FEATURES, expected, tiny_repository
+
+from service.batcher import Batcher, BatchRecord
+from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.repository import list_models, verified_file
+from service.runtime import OnnxModel, SessionOptions
+
+ATOL = 1e-5
+
+
+class GatedModel(OnnxModel):
+    """The real tiny model, whose run() waits for a gate: lets a test hold a batch running."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.batches: list[int] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.started.set()
+        self.gate.wait(timeout=30)
+        self.batches.append(next(iter(inputs.values())).shape[0])
+        return super().run(inputs)
+
+
+def _model(tmp_path: Path, cls: type[OnnxModel] = OnnxModel) -> OnnxModel:
+    repository = tiny_repository(tmp_path)
+    (config,) = list_models(repository)
+    path = verified_file(repository, config, config.latest)
+    return cls(config, config.latest, path, SessionOptions(intra_op_threads=1))
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, FEATURES)).astype(np.float32)
+
+
+def test_each_caller_gets_its_own_rows_in_shared_batches(tmp_path: Path) -> None:
+    model = _model(tmp_path, GatedModel)
+    assert isinstance(model, GatedModel)
+    records: list[BatchRecord] = []
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = Batcher(
+            model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64, on_batch=records.append
+        )
+        batcher.start()
+        first = asyncio.create_task(batcher.submit({"x": _rows(1, 0)}))
+        await asyncio.to_thread(model.started.wait, 10)  # batch 1 is running, held by the gate
+        others = [
+            asyncio.create_task(batcher.submit({"x": _rows(1 + i % 3, i)})) for i in range(1, 7)
+        ]
+        await asyncio.sleep(0)  # let the submissions enqueue
+        assert batcher.depth == 6
+        model.gate.set()
+        results = await asyncio.gather(first, *others)
+        await batcher.stop()
+        return [r["scores"] for r in results]
+
+    results = asyncio.run(scenario())
+    for i, got in enumerate(results):
+        x = _rows(1 if i == 0 else 1 + i % 3, i)
+        np.testing.assert_allclose(got, expected(x), atol=ATOL, rtol=0)
+    # The six waiting requests (12 rows) ran as batches of at most 8 rows, not one by one.
+    assert model.batches[0] == 1
+    assert max(model.batches[1:]) > 1 and all(b <= 8 for b in model.batches)
+    assert sum(model.batches) == 13
+    assert [r.rows for r in records] == model.batches
+
+
+def test_full_queue_is_refused_at_once_and_accepted_work_completes(tmp_path: Path) -> None:
+    model = _model(tmp_path, GatedModel)
+    assert isinstance(model, GatedModel)
+
+    async def scenario() -> tuple[list[np.ndarray], Overloaded]:
+        batcher = Batcher(model, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit({"x": _rows(1, 0)}))
+        await asyncio.to_thread(model.started.wait, 10)
+        queued = [asyncio.create_task(batcher.submit({"x": _rows(1, i)})) for i in (1, 2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded) as refused:
+            await batcher.submit({"x": _rows(1, 3)})
+        model.gate.set()
+        done = await asyncio.gather(running, *queued)
+        await batcher.stop()
+        return [d["scores"] for d in done], refused.value
+
+    done, refused = asyncio.run(scenario())
+    assert "overloaded" in str(refused) and "2 requests" in str(refused)
+    assert refused.retry_after_s >= 1
+    for i, got in enumerate(done):
+        np.testing.assert_allclose(got, expected(_rows(1, i)), atol=ATOL, rtol=0)
+
+
+def test_expired_requests_are_not_run(tmp_path: Path) -> None:
+    model = _model(tmp_path, GatedModel)
+    assert isinstance(model, GatedModel)
+
+    async def scenario() -> DeadlineExceeded:
+        batcher = Batcher(model, max_batch_size=4, max_queue_delay_s=0, max_queue_size=8)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit({"x": _rows(1, 0)}))
+        await asyncio.to_thread(model.started.wait, 10)
+        stale = asyncio.create_task(
+            batcher.submit({"x": _rows(3, 1)}, deadline=time.perf_counter() - 1)
+        )
+        await asyncio.sleep(0)
+        model.gate.set()
+        await running
+        with pytest.raises(DeadlineExceeded) as exc:
+            await stale
+        await batcher.stop()
+        return exc.value
+
+    error = asyncio.run(scenario())
+    assert "timed out" in str(error) and "not run" in str(error)
+    assert model.batches == [1]  # the 3 stale rows never reached onnxruntime
+
+
+def test_stop_drains_the_queue_then_refuses(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=2, max_queue_delay_s=0, max_queue_size=16)
+        batcher.start()
+        pending = [asyncio.create_task(batcher.submit({"x": _rows(1, i)})) for i in range(10)]
+        await asyncio.sleep(0)
+        await batcher.stop()
+        assert all(p.done() and p.exception() is None for p in pending)
+        with pytest.raises(ModelNotReady):
+            await batcher.submit({"x": _rows(1, 0)})
+
+    asyncio.run(scenario())
+
+
+def test_batched_rows_equal_unbatched_rows_bit_for_bit(tmp_path: Path) -> None:
+    model = _model(tmp_path)
+    x = _rows(8, 42)
+    together = model.run({"x": x})["scores"]
+    alone = np.concatenate([model.run({"x": x[i : i + 1]})["scores"] for i in range(8)])
+    assert np.array_equal(together, alone)

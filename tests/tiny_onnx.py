@@ -1,0 +1,68 @@
+"""A tiny real ONNX model and repository built with onnx.helper (no torch, no training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from service.repository import ModelConfig, ModelVersion, TensorSpec, install_model, now
+
+FEATURES = 4
+CLASSES = 3
+WEIGHT = np.arange(FEATURES * CLASSES, dtype=np.float32).reshape(FEATURES, CLASSES) / 10
+BIAS = np.array([0.5, -0.5, 0.0], dtype=np.float32)
+
+
+def expected(x: np.ndarray) -> np.ndarray:
+    """What the tiny model computes: x @ W + b, row by row."""
+    return x @ WEIGHT + BIAS
+
+
+def write_tiny_onnx(path: Path) -> Path:
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["scores"]),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", CLASSES])],
+        [numpy_helper.from_array(WEIGHT, "W"), numpy_helper.from_array(BIAS, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def tiny_repository(root: Path, name: str = "tiny", **config: object) -> Path:
+    """A repository with one tiny classifier, installed through the real format code."""
+    source = write_tiny_onnx(root / f"{name}-source.onnx")
+    spec = ModelConfig.model_validate(
+        {
+            "name": name,
+            "inputs": [TensorSpec(name="x", datatype="FP32", shape=[-1, FEATURES]).model_dump()],
+            "outputs": [
+                TensorSpec(name="scores", datatype="FP32", shape=[-1, CLASSES]).model_dump()
+            ],
+            "labels": ["a", "b", "c"],
+            "max_batch_size": 8,
+            **config,
+        }
+    )
+    version = ModelVersion(
+        version=1,
+        sha256="0" * 64,
+        opset=18,
+        exported_at=now(),
+        parity_max_abs_error=0.0,
+        parity_bound=1e-5,
+    )
+    repository = root / "repository"
+    install_model(repository, spec, source, version)
+    source.unlink()
+    return repository
