@@ -20,9 +20,9 @@ venv: $(VENV)/.installed
 repository: $(VENV)/.installed
 	$(BIN)/python -m export build --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS) --skip-existing
 
+# Serves on 127.0.0.1:8000; flags and NORMSERVE_* variables are in README.md.
 serve: repository
-	@echo "The model repository is ready in $(REPOSITORY)/ (three default models)."
-	@echo "The inference service is the next issue; until it lands, make serve stops here."
+	$(BIN)/python -m service --repository $(REPOSITORY)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

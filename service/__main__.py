@@ -11,7 +11,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
@@ -23,16 +22,19 @@ from service.settings import Settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__.split("\n")[0])
-    parser.add_argument("--repository", type=Path)
-    parser.add_argument("--host")
-    parser.add_argument("--port", type=int)
-    parser.add_argument("--workers", type=int)
-    parser.add_argument("--intra-op-threads", type=int)
-    parser.add_argument("--max-batch-size", type=int)
-    parser.add_argument("--max-queue-delay-ms", type=float)
-    parser.add_argument("--max-queue-size", type=int)
-    parser.add_argument("--log-level")
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve a model repository over the Open Inference Protocol and V1 JSON.",
+    )
+    # One flag per Settings field, so flags, variables and defaults never drift apart;
+    # pydantic parses and validates the strings exactly as it does the environment's.
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            metavar=name.upper(),
+            help=f"{field.description} (env NORMSERVE_{name.upper()}, default {field.default})",
+        )
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
