@@ -27,6 +27,7 @@ serve: repository
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy service
 
 # pytest exits 5 when it collected no test: make treats that like any failure.
 test: lint

@@ -26,7 +26,7 @@ from service.errors import IntegrityError, RepositoryError
 
 CONFIG_FILE = "config.json"
 MODEL_FILE = "model.onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION: Literal[1] = 1
 
 # Open Inference Protocol tensor datatypes (the names V2 clients send and expect).
 Datatype = Literal[
