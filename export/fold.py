@@ -145,7 +145,7 @@ def fold_batchnorm_with_report(
     for bn, layers in plans:
         for layer in layers:
             _fold_into(layer, bn)
-        _replace(folded, bn, nn.Identity())
+        _replace(folded, bn, FoldedBatchNorm(bn, report.folded[_name_of(batchnorms, bn)]))
     return folded, report
 
 
@@ -205,6 +205,9 @@ def _trace(model: nn.Module, example_input: ExampleInput) -> _Trace:
                     trace.watched.add(id(p))
             handles.append(module.register_forward_hook(_layer_hook(trace)))
         elif isinstance(module, _BatchNorm):
+            # Its statistics and affine parameters must be read by its own calls only.
+            for t in _bn_tensors(module):
+                trace.watched.add(id(t))
             handles.append(module.register_forward_pre_hook(_bn_hook(trace)))
     try:
         with torch.no_grad(), _Recorder(trace):
@@ -275,6 +278,12 @@ def _check(
     calls = trace.bn_calls.get(id(bn), [])
     if not calls:
         return "was not called on the example input, so its input is unknown", []
+    if any(trace.uses[id(t)] != len(calls) for t in _bn_tensors(bn)):
+        return (
+            "has statistics or parameters that the model also reads outside the BatchNorm, "
+            "which folding would change",
+            [],
+        )
     layers: dict[int, nn.Module] = {}
     uses_per_layer: dict[int, int] = defaultdict(int)
     for input_id, producer in calls:
@@ -396,6 +405,35 @@ def _module_names(model: nn.Module) -> dict[int, str]:
     for name, module in model.named_modules():
         names.setdefault(id(module), name or type(model).__name__)
     return names
+
+
+class FoldedBatchNorm(nn.Identity):
+    """What stands where a folded BatchNorm stood: the identity, keeping its description.
+
+    The configuration attributes stay (``num_features``, ``eps``...), so code that reads them
+    keeps working and ``print(model)`` shows where each BatchNorm went.
+    """
+
+    def __init__(self, bn: _BatchNorm, folded_into: list[str]) -> None:
+        super().__init__()
+        self.num_features = bn.num_features
+        self.eps = bn.eps
+        self.momentum = bn.momentum
+        self.affine = bn.affine
+        self.track_running_stats = bn.track_running_stats
+        self.folded_into = list(folded_into)
+        self.eval()
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, folded into {', '.join(self.folded_into)}"
+
+
+def _bn_tensors(bn: _BatchNorm) -> list[torch.Tensor]:
+    return [t for t in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if t is not None]
+
+
+def _name_of(batchnorms: Mapping[str, _BatchNorm], bn: _BatchNorm) -> str:
+    return next(name for name, module in batchnorms.items() if module is bn)
 
 
 def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:

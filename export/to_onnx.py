@@ -264,8 +264,19 @@ def _save(proto: onnx.ModelProto, path: Path, meta: Mapping[str, str]) -> None:
     for key, value in sorted(meta.items()):
         model.metadata_props.add(key=key, value=value)
     # One self-contained file: the service and clients load it without a sidecar .data file.
-    onnx.save_model(model, str(path), save_as_external_data=False)
-    onnx.checker.check_model(str(path), full_check=True)
+    # Written beside the target and renamed only once the checker accepts it.
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save_model(model, str(tmp), save_as_external_data=False)
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:  # the checker raises several unrelated exception types
+        tmp.unlink(missing_ok=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"the exported graph fails onnx.checker: {first}; the model probably hard-codes "
+            "a batch-dependent shape (squeeze/reshape on axis 0?)"
+        ) from exc
+    tmp.replace(path)
 
 
 def _refuse_training_nodes(proto: onnx.ModelProto) -> None:
