@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from torch import nn
+
 from export.checkpoint import load_into, save_safetensors
 from export.publish import publish
 from export.to_onnx import ExportReport, export_onnx
@@ -58,6 +60,27 @@ def build_repository(
     return built
 
 
+def trained_model(
+    spec: ModelSpec,
+    data: Digits,
+    checkpoints: Path = DEFAULT_CHECKPOINTS,
+    log: Callable[[str], None] = lambda line: None,
+) -> tuple[nn.Module, bool]:
+    """(the default model in eval mode, whether it was trained now): its checkpoint, or a
+    deterministic training run whose result becomes the checkpoint."""
+    checkpoint = checkpoints / f"{spec.name}.safetensors"
+    if checkpoint.exists():
+        return load_into(spec.build(), checkpoint).eval(), False
+    log(f"[{spec.name}] no checkpoint at {checkpoint}: training")
+    result = train(spec, data, progress=log)
+    save_safetensors(
+        result.model,
+        checkpoint,
+        {"model": spec.name, "test_accuracy": f"{result.test_accuracy:.4f}"},
+    )
+    return result.model, True
+
+
 def _build_one(
     spec: ModelSpec,
     data: Digits,
@@ -65,19 +88,7 @@ def _build_one(
     checkpoints: Path,
     log: Callable[[str], None],
 ) -> BuiltModel:
-    checkpoint = checkpoints / f"{spec.name}.safetensors"
-    trained = not checkpoint.exists()
-    if trained:
-        log(f"[{spec.name}] no checkpoint at {checkpoint}: training")
-        result = train(spec, data, progress=log)
-        save_safetensors(
-            result.model,
-            checkpoint,
-            {"model": spec.name, "test_accuracy": f"{result.test_accuracy:.4f}"},
-        )
-        model = result.model
-    else:
-        model = load_into(spec.build(), checkpoint).eval()
+    model, trained = trained_model(spec, data, checkpoints, log)
     _, accuracy = evaluate(model, spec, data.test)
     log(f"[{spec.name}] test accuracy {accuracy:.2%} on {len(data.test)} held-out digits")
     started = time.perf_counter()
