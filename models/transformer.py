@@ -66,5 +66,12 @@ class RowTransformer(nn.Module):
         self.head = nn.Linear(dim, NUM_CLASSES)
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.embed(image) + self.position)
-        return self.head(self.norm(x).mean(dim=1))
+        x = self.norm(self.blocks(self.embed(image) + self.position))
+        # Mean over the tokens written as a sum of slices: the same function, but exported as
+        # element-wise Adds, which onnxruntime computes identically for every batch size
+        # (its ReduceMean takes another path at batch 1, which would make a served row's
+        # result depend on whether it was batched, at the 1e-7 level).
+        pooled = x[:, 0]
+        for t in range(1, x.shape[1]):
+            pooled = pooled + x[:, t]
+        return self.head(pooled / x.shape[1])

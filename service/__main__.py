@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -53,6 +54,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
     if settings.workers == 1:
+        # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies by
+        # the signal (status 143). The shutdown was clean, so exit 0, as Triton does: a no-op
+        # handler absorbs the re-raised signal and main() returns normally.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)
         uvicorn.run(
             create_app(settings),
             host=settings.host,

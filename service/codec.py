@@ -102,8 +102,15 @@ def decode_json_body(body: bytes | memoryview) -> Any:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         # Rebuilt from the parts rather than str(exc): position and reason only.
+        at = bytes(body[exc.pos : exc.pos + 9])
+        hint = (
+            "; NaN and Infinity are not JSON numbers, and the model accepts finite values only"
+            if at.startswith((b"NaN", b"Infinity", b"-Infinity", b"inf", b"nan"))
+            else ""
+        )
         raise InvalidInput(
             f"request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+            f"{hint}"
         ) from None
 
 
