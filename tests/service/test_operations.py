@@ -1,0 +1,118 @@
+"""Operations against real servers: overload over HTTP, several workers, hostile bodies."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import orjson
+import pytest
+from servers import running_server
+
+from models.data import load_digits_split
+
+ROUNDS = 5  # bounded retries for the load-dependent overload test
+CONCURRENT = 96
+
+
+def _body(images: np.ndarray) -> bytes:
+    return orjson.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "image",
+                    "datatype": "FP32",
+                    "shape": list(images.shape),
+                    "data": images.ravel().tolist(),
+                }
+            ]
+        }
+    )
+
+
+def test_overload_gets_503_retry_after_and_accepted_requests_are_right(
+    built_repository: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    repository = built_repository[0]
+    images = load_digits_split().test.images[:64].numpy()
+    session = ort.InferenceSession(str(repository / "digits_transformer" / "1" / "model.onnx"))
+    reference = session.run(None, {"image": images})[0]
+    body = _body(images)
+
+    async def burst(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/v2/models/digits_transformer/infer", content=body)
+                    for _ in range(CONCURRENT)
+                )
+            )
+
+    with running_server(
+        repository, tmp_path, "--max-queue-size", "1", "--access-log", "false"
+    ) as srv:
+        refused = 0
+        for _ in range(ROUNDS):
+            responses = asyncio.run(burst(srv.http_url))
+            for response in responses:
+                assert response.status_code in (200, 503), response.text
+                if response.status_code == 503:
+                    refused += 1
+                    assert int(response.headers["retry-after"]) >= 1
+                    assert "overloaded" in response.json()["error"]
+                else:
+                    (out,) = response.json()["outputs"]
+                    got = np.asarray(out["data"], np.float32).reshape(out["shape"])
+                    np.testing.assert_allclose(got, reference, rtol=0, atol=1e-5)
+            if refused:
+                break
+        assert refused, f"{ROUNDS} bursts of {CONCURRENT} never filled a queue of 1"
+        metrics = httpx.get(f"{srv.http_url}/metrics").text
+        assert 'status="503"' in metrics
+
+
+def test_two_workers_split_the_cpu_budget(
+    built_repository: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    repository = built_repository[0]
+    with running_server(repository, tmp_path, "--workers", "2") as srv:
+        config = httpx.get(f"{srv.http_url}/v2/models/digits_cnn/config").json()
+        threads = int(config["parameters"]["intra_op_thread_count"]["string_value"])
+        assert threads == 1  # 2 CPUs here / 2 workers
+        image = load_digits_split().test.images[:1].numpy().reshape(1, 1, 8, 8)
+        response = httpx.post(f"{srv.http_url}/v2/models/digits_cnn/infer", content=_body(image))
+        assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"null",
+        b"[]",
+        b'{"inputs": null}',
+        b'{"inputs": [{}]}',
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": "x", "data": []}]}',
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1,1,8,8], "data": "abc"}]}',
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [-1,1,8,8], "data": []}]}',
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1e9,1e9], "data": [1]}]}',
+        b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1,1,8,8], '
+        b'"parameters": {"binary_data_size": 256}}]}',
+        b"\xff\xfe garbage",
+    ],
+)
+def test_hostile_bodies_get_a_4xx_never_a_500(server: object, body: bytes) -> None:
+    url = server.http_url  # type: ignore[attr-defined]
+    response = httpx.post(f"{url}/v2/models/digits_cnn/infer", content=body)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]
+    # A bad Inference-Header-Content-Length is the client's error too.
+    response = httpx.post(
+        f"{url}/v2/models/digits_cnn/infer",
+        content=body,
+        headers={"Inference-Header-Content-Length": str(len(body) + 10)},
+    )
+    assert 400 <= response.status_code < 500, response.text
