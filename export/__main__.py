@@ -3,6 +3,7 @@
     python -m export build [--repository DIR] [--checkpoints DIR] [--models a,b] [--skip-existing]
     python -m export onnx --model pkg.module:factory --input-shape 3,32,32 --name NAME
                           [--checkpoint FILE] [--repository DIR] [--opset 18] ...
+    python -m export behavior [--out DIR] [--checkpoints DIR] [--no-docs-plot]
 
 Errors the user can fix are printed as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.behavior_report import CURVE_EPOCHS, CURVE_SEEDS, DEFAULT_OUT, DOCS_PLOT, run_behavior
 from export.build import DEFAULT_CHECKPOINTS, DEFAULT_REPOSITORY, build_repository
 from export.checkpoint import CheckpointError, load_into
 from export.fold import FoldError
@@ -70,6 +72,20 @@ def _parser() -> argparse.ArgumentParser:
         "--replace", action="store_true", help="replace a model of the same name and other I/O"
     )
     onnx.set_defaults(run=_onnx)
+
+    behavior = sub.add_parser(
+        "behavior", help="measure BatchNorm/LayerNorm in training and inference: the report"
+    )
+    behavior.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    behavior.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    behavior.add_argument("--no-docs-plot", action="store_true", help=f"do not rewrite {DOCS_PLOT}")
+    behavior.add_argument(
+        "--seeds", type=int, default=CURVE_SEEDS, help="seeds per variant, training curves"
+    )
+    behavior.add_argument(
+        "--epochs", type=int, default=CURVE_EPOCHS, help="epochs per run, training curves"
+    )
+    behavior.set_defaults(run=_behavior)
     return parser
 
 
@@ -111,6 +127,20 @@ def _onnx(args: argparse.Namespace) -> int:
         )
     print(report.summary())
     print(f"{args.repository / args.name} version {config.latest.version}")
+    return 0
+
+
+def _behavior(args: argparse.Namespace) -> int:
+    if args.seeds < 1 or args.epochs < 1:
+        raise ValueError("--seeds and --epochs must be at least 1")
+    run_behavior(
+        args.out,
+        args.checkpoints,
+        docs_plot=None if args.no_docs_plot else DOCS_PLOT,
+        seeds=args.seeds,
+        epochs=args.epochs,
+    )
+    print(f"behaviour report: {args.out / 'report.md'}")
     return 0
 
 

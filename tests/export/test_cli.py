@@ -8,7 +8,9 @@ only three tests export; the refusals happen before any export starts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -101,6 +103,31 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=TIMEOUT_S,
         check=False,
     )
+
+
+def run_cli_in_process(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The same entry point, ``export.__main__.main``, without a new interpreter.
+
+    For the refusals, which stop before any export: a subprocess would spend most of its
+    time importing torch again.
+    """
+    from export.__main__ import main
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    os.chdir(cwd)
+    sys.path.insert(0, str(cwd))
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse errors exit 2, as in a real run
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+        sys.modules.pop(USER_MODULE, None)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def load_user_module(path: Path) -> ModuleType:
@@ -238,7 +265,7 @@ def test_state_dict_checkpoint_is_loaded(workdir: Path) -> None:
 def test_pickled_module_checkpoint_is_refused(workdir: Path) -> None:
     user = load_user_module(workdir / f"{USER_MODULE}.py")
     torch.save(user.tiny(), workdir / "whole.pt")
-    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "whole.pt"))
+    result = run_cli_in_process(workdir, *export_args("tiny", "--checkpoint", "whole.pt"))
     assert_user_error(result, "whole.pt", "weights_only", "state_dict")
     assert not (workdir / "repo").exists()
     assert_one_line_error(result)
@@ -247,7 +274,7 @@ def test_pickled_module_checkpoint_is_refused(workdir: Path) -> None:
 def test_unsupported_checkpoint_type_is_refused(workdir: Path) -> None:
     user = load_user_module(workdir / f"{USER_MODULE}.py")
     torch.save(user.tiny().state_dict(), workdir / "weights.bin")
-    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "weights.bin"))
+    result = run_cli_in_process(workdir, *export_args("tiny", "--checkpoint", "weights.bin"))
     assert_user_error(result, "weights.bin", "'.bin'", ".safetensors", ".pt")
     assert_one_line_error(result)
     assert not (workdir / "repo").exists()
@@ -258,7 +285,9 @@ def test_safetensors_checkpoint_with_missing_keys_is_refused(workdir: Path) -> N
     state = {k: v.contiguous() for k, v in user.tiny().state_dict().items()}
     del state["1.running_mean"]
     save_file(state, str(workdir / "partial.safetensors"))
-    result = run_cli(workdir, *export_args("tiny", "--checkpoint", "partial.safetensors"))
+    result = run_cli_in_process(
+        workdir, *export_args("tiny", "--checkpoint", "partial.safetensors")
+    )
     assert_user_error(result, "partial.safetensors", "does not fit")
     assert not (workdir / "repo").exists()
     # The message must say what does not fit: the missing key.
@@ -266,7 +295,7 @@ def test_safetensors_checkpoint_with_missing_keys_is_refused(workdir: Path) -> N
 
 
 def test_model_without_a_colon_is_refused(workdir: Path) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         workdir, "onnx", "--model", "nocolon", "--input-shape", "3,16,16", "--name", "x"
     )
     assert_user_error(result, "pkg.module:factory", "nocolon")
@@ -274,7 +303,7 @@ def test_model_without_a_colon_is_refused(workdir: Path) -> None:
 
 
 def test_factory_returning_a_non_module_is_refused(workdir: Path) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         workdir,
         "onnx",
         "--model",
@@ -292,7 +321,7 @@ def test_factory_returning_a_non_module_is_refused(workdir: Path) -> None:
 
 
 def test_bad_input_shape_is_an_argparse_error(workdir: Path) -> None:
-    result = run_cli(
+    result = run_cli_in_process(
         workdir, "onnx", "--model", f"{USER_MODULE}:tiny", "--input-shape", "3,x", "--name", "x"
     )
     assert result.returncode == 2
@@ -303,7 +332,7 @@ def test_bad_input_shape_is_an_argparse_error(workdir: Path) -> None:
 
 
 def test_opset_below_17_is_refused(workdir: Path) -> None:
-    result = run_cli(workdir, *export_args("tiny", "--opset", "16"))
+    result = run_cli_in_process(workdir, *export_args("tiny", "--opset", "16"))
     assert_user_error(result, "opset 16", "17")
     assert_one_line_error(result)
     assert not (workdir / "repo").exists()
