@@ -27,10 +27,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from export.to_onnx import export_onnx
-from models import ModelSpec
-from models.data import Digits
 from models.norms import ReferenceBatchNorm
-from models.train import TrainResult, evaluate, train
 
 Log = Callable[[str], None]
 ACCURACY_BATCH_SIZES = (1, 2, 8, 64, 512)
@@ -72,9 +69,10 @@ def _max_abs(a: torch.Tensor | np.ndarray | list, b: torch.Tensor | np.ndarray |
 
 
 def _mean_std(values: Sequence[float | None]) -> dict[str, float | None]:
-    if not values or any(v is None for v in values):
+    present = [v for v in values if v is not None]
+    if not present or len(present) < len(values):
         return {"mean": None, "std": None}
-    return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+    return {"mean": float(np.mean(present)), "std": float(np.std(present))}
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -416,10 +414,10 @@ def demo_export_consequences(
     dynamo exporter, and by the TorchScript one with TrainingMode PRESERVE and TRAINING), each
     run in onnxruntime on ``x``. Writes ``folded.onnx`` and ``unfolded.onnx`` into ``work_dir``."""
     caller = _state(model)
-    names = {"input_names": [input_name], "output_names": [output_name]}
+    names = (input_name, output_name)
     report = export_onnx(
-        model, x[:8], work_dir / "folded.onnx", **names, samples=x,
-        unfolded_path=work_dir / "unfolded.onnx",
+        model, x[:8], work_dir / "folded.onnx", input_names=[input_name],
+        output_names=[output_name], samples=x, unfolded_path=work_dir / "unfolded.onnx",
     )  # fmt: skip
     reference = _logits(copy.deepcopy(model).eval(), x)
     variants = {"export_onnx": _measure_onnx(onnx.load(str(report.path)), x, labels, reference)}
@@ -440,23 +438,25 @@ def demo_export_consequences(
 
 
 def _naive_export(
-    net: nn.Module, example: torch.Tensor, names: dict[str, list[str]], opset: int, exporter: str
+    net: nn.Module, example: torch.Tensor, names: tuple[str, str], opset: int, exporter: str
 ) -> onnx.ModelProto:
     """``net`` exported as it is, the way a user calling torch.onnx.export directly would."""
+    inputs, outputs = [names[0]], [names[1]]
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":
-            batch = torch.export.Dim("batch")
             program = torch.onnx.export(
-                net, (example,), dynamo=True, **names, opset_version=opset,
-                dynamic_shapes=({0: batch},), external_data=False,
+                net, (example,), dynamo=True, input_names=inputs, output_names=outputs,
+                opset_version=opset, dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
             )  # fmt: skip
+            if program is None:
+                raise RuntimeError("torch.onnx.export returned no program")
             return program.model_proto
         buffer = io.BytesIO()
-        mode = exporter.removeprefix("torchscript_").upper()
         torch.onnx.export(
-            net, (example,), buffer, dynamo=False, **names, opset_version=opset,
-            training=getattr(torch.onnx.TrainingMode, mode),
-            dynamic_axes={n[0]: {0: "batch"} for n in names.values()},
+            net, (example,), buffer, dynamo=False, input_names=inputs, output_names=outputs,
+            opset_version=opset, dynamic_axes={name: {0: "batch"} for name in names},
+            training=getattr(torch.onnx.TrainingMode, exporter.split("_")[-1].upper()),
         )  # fmt: skip
     return onnx.load_from_string(buffer.getvalue())
 
@@ -501,80 +501,4 @@ def demo_folding(
             "median_ms": median,
             "unfolded_over_folded": median["unfolded"] / median["folded"],
         }
-    return result
-
-
-# ---------------------------------------------------------------------------- 8
-
-
-def without_norms(model: nn.Module) -> nn.Module:
-    """``model`` (changed in place and returned) with every BatchNorm and LayerNorm replaced
-    by an identity, and a zero bias on each bias-free conv/linear layer for the shift the
-    norms provided. Weights stay, so the variant starts where the original does."""
-    norms = [n for n, m in model.named_modules() if isinstance(m, _NORMS)]
-    for name in norms:
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, nn.Identity())
-    for layer in model.modules():
-        if isinstance(layer, nn.Conv2d | nn.Linear) and layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
-    return model
-
-
-def demo_training_curves(
-    families: dict[str, tuple[ModelSpec, str, str]],
-    data: Digits,
-    *,
-    seeds: Sequence[int] = (0, 1, 2),
-    epochs: int = 10,
-    target: float = 0.95,
-    log: Log = lambda line: None,
-) -> dict[str, Any]:
-    """Per family (name → (spec, label with its norms, label without)): validation curves
-    with and without the norms at the recipe's learning rate, same initial weights and
-    batch order per seed."""
-    result: dict[str, Any] = {"seeds": list(seeds), "epochs": epochs, "target_accuracy": target}
-    for family, (spec, with_norms, without) in families.items():
-        variants: dict[str, Any] = {}
-        for label, strip in ((with_norms, False), (without, True)):
-            runs = []
-            for seed in seeds:
-                torch.manual_seed(seed)
-                net = without_norms(spec.build()) if strip else spec.build()
-                trained = train(spec, data, model=net, epochs=epochs, seed=seed, progress=None)
-                runs.append(_curve_stats(trained, spec, data, target))
-                best = trained.history[trained.best_epoch - 1].validation_accuracy
-                log(f"[behavior] {label} seed {seed}: val acc {best:.2%}, {trained.seconds:.1f} s")
-            variants[label] = _aggregate(runs)
-        result[family] = {"lr": spec.recipe.lr, "variants": variants}
-    return result
-
-
-def _curve_stats(
-    trained: TrainResult, spec: ModelSpec, data: Digits, target: float
-) -> dict[str, Any]:
-    hits = [h.epoch for h in trained.history if h.validation_accuracy >= target]
-    # The gap uses the test split: validation chose the kept epoch, so it is biased upward.
-    train_loss, train_accuracy = evaluate(trained.model, spec, data.train)
-    test_loss, test_accuracy = evaluate(trained.model, spec, data.test)
-    return {
-        "validation_accuracy": [h.validation_accuracy for h in trained.history],
-        "validation_loss": [h.validation_loss for h in trained.history],
-        "epochs_to_target": hits[0] if hits else None,
-        "train_accuracy": train_accuracy,
-        "test_accuracy": test_accuracy,
-        "accuracy_gap": train_accuracy - test_accuracy,
-        "loss_gap": test_loss - train_loss,
-    }
-
-
-def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {"runs": runs}
-    for key in ("validation_accuracy", "validation_loss"):
-        table = np.array([r[key] for r in runs])
-        result[key] = {"mean": table.mean(0).tolist(), "std": table.std(0).tolist()}
-    reached = [r["epochs_to_target"] for r in runs if r["epochs_to_target"] is not None]
-    result["epochs_to_target"] = {**_mean_std(reached), "reached": len(reached)}
-    for key in ("train_accuracy", "test_accuracy", "accuracy_gap", "loss_gap"):
-        result[key] = _mean_std([r[key] for r in runs])
     return result

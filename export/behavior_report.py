@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from export import behavior as demos
+from export import behavior_training as training
 from export.behavior_plots import write_headline, write_plots
 from export.build import DEFAULT_CHECKPOINTS, trained_model
 from models import REGISTRY
@@ -119,7 +120,7 @@ def run_behavior(
     }
     measure(
         "training_curves",
-        lambda: demos.demo_training_curves(
+        lambda: training.demo_training_curves(
             families, data, seeds=range(seeds), epochs=epochs, target=TARGET_ACCURACY, log=log
         ),
     )
@@ -164,11 +165,14 @@ def _pm(stats: dict[str, Any], scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * stats['mean']:.{digits}f} ± {scale * stats['std']:.{digits}f}"
 
 
-def _compare(a: float | None, b: float | None, lower: str, higher: str) -> str:
-    """The word the data supports when ``a`` is compared with ``b``."""
-    if a is None or b is None:
-        return "could not be compared (a variant never reached it)"
-    return "the same as" if a == b else (lower if a < b else higher)
+def _compare(a: dict[str, Any], b: dict[str, Any], lower: str, higher: str) -> str:
+    """What the data supports when comparing ``a`` with ``b`` (each a mean and std over
+    seeds): a difference within the seed-to-seed spread is not called one."""
+    if a["mean"] is None or b["mean"] is None:
+        return "not comparable (a variant never reached the target)"
+    if abs(a["mean"] - b["mean"]) <= max(a["std"], b["std"]):
+        return "no clear difference (within the seed-to-seed spread)"
+    return lower if a["mean"] < b["mean"] else higher
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -336,20 +340,21 @@ def _md_training_curves(report: dict[str, Any]) -> tuple[str, str]:
         if not isinstance(entry, dict) or "variants" not in entry:
             continue
         (w_name, w), (o_name, o) = entry["variants"].items()
-        faster = _compare(
-            w["epochs_to_target"]["mean"], o["epochs_to_target"]["mean"], "fewer", "more"
-        )
-        gap = _compare(w["accuracy_gap"]["mean"], o["accuracy_gap"]["mean"], "smaller", "larger")
+        faster = _compare(w["epochs_to_target"], o["epochs_to_target"], "fewer", "more")
+        gap = _compare(w["accuracy_gap"], o["accuracy_gap"], "smaller", "larger")
+        loss_gap = _compare(w["loss_gap"], o["loss_gap"], "smaller", "larger")
         lines.append(
             f"`{family}` at lr {entry['lr']}: {w_name} reached {target} validation accuracy in "
             f"{_pm(w['epochs_to_target'])} epochs ({w['epochs_to_target']['reached']}/"
             f"{len(s['seeds'])} seeds), {o_name} in {_pm(o['epochs_to_target'])} "
-            f"({o['epochs_to_target']['reached']}/{len(s['seeds'])}) — {faster} epochs with the "
-            f"norm. Test accuracy {_pm(w['test_accuracy'], 100)} % versus "
-            f"{_pm(o['test_accuracy'], 100)} %; train − test accuracy gap "
+            f"({o['epochs_to_target']['reached']}/{len(s['seeds'])}); epochs needed with the "
+            f"norm: {faster}. Train accuracy {_pm(w['train_accuracy'], 100)} % versus "
+            f"{_pm(o['train_accuracy'], 100)} %, test accuracy "
+            f"{_pm(w['test_accuracy'], 100)} % versus {_pm(o['test_accuracy'], 100)} %; "
+            "train − test accuracy gap "
             f"{_pm(w['accuracy_gap'], 100)} versus {_pm(o['accuracy_gap'], 100)} points and loss "
-            f"gap {_pm(w['loss_gap'], digits=3)} versus {_pm(o['loss_gap'], digits=3)}: {gap} "
-            "with the norm."
+            f"gap {_pm(w['loss_gap'], digits=3)} versus {_pm(o['loss_gap'], digits=3)}; the gaps "
+            f"with the norm: accuracy {gap}, loss {loss_gap}."
         )
     return "8. Training with and without the norms", (
         f"{len(s['seeds'])} seeds × {s['epochs']} epochs per variant, same learning rate, "
@@ -376,7 +381,8 @@ def _md_folding(report: dict[str, Any]) -> tuple[str, str]:
         f"Folding removed all {before['batchnorm_nodes']} BatchNormalization nodes; the graph "
         f"went from {before['nodes']} to {after['nodes']} nodes (removed: "
         + ", ".join(f"{op} {n}" for op, n in gone.items())
-        + ", the rest being shape plumbing the exporter's optimizer drops) and from "
+        + "; the nodes other than BatchNormalization are shape plumbing dropped by the "
+        "exporter's optimizer, which export_onnx runs on the folded export only) and from "
         f"{before['params']} to {after['params']} stored parameters. The folded and unfolded "
         f"files agree to {s['folded_vs_unfolded_max_abs']:.1e}. Median latency in onnxruntime, "
         f"one thread, graph optimizations off, {s['repeats']} interleaved repeats: {latency}. "
