@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,  # the app writes its own structured access log
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     else:
         # Worker processes import the app by name and rebuild Settings from the environment.
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=settings.workers,
             log_level=settings.log_level,
             access_log=False,
-            timeout_graceful_shutdown=30,
+            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     return 0
 

@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import v1, v2
 from service.errors import (
+    ClientDisconnected,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
@@ -47,6 +48,8 @@ STATUS: list[tuple[type[NormserveError], int]] = [
     (Overloaded, 503),
     (ModelNotReady, 503),
     (DeadlineExceeded, 504),
+    # nginx's convention for 'client closed request': only the access log ever sees it.
+    (ClientDisconnected, 499),
 ]
 
 Scope = MutableMapping[str, Any]

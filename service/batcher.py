@@ -175,13 +175,23 @@ class Batcher:
         try:
             outputs = await asyncio.to_thread(self.model.run, merged)
         except Exception as exc:
-            log.exception(
-                "inference failed for model '%s' (batch of %d rows)", self.model.name, rows
-            )
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
             self._record(batch, rows, queue_seconds, time.perf_counter() - started, failed=True)
+            if len(batch) > 1:
+                # One request's rows may be what fails: run each request on its own, so only
+                # that request gets the error and its batch companions still get answers.
+                log.warning(
+                    "inference failed for model '%s' on a batch of %d requests; retrying them "
+                    "one by one",
+                    self.model.name,
+                    len(batch),
+                )
+                for item in batch:
+                    if not item.future.done():
+                        await self._run([item])
+                return
+            log.exception("inference failed for model '%s' (%d rows)", self.model.name, rows)
+            if not batch[0].future.done():
+                batch[0].future.set_exception(exc)
             return
         compute = time.perf_counter() - started
         offset = 0

@@ -114,12 +114,25 @@ def decode_json_body(body: bytes | memoryview) -> Any:
         ) from None
 
 
-def decode_infer_request(body: bytes, json_length: int | None) -> InferRequest:
+@dataclass(frozen=True)
+class Limits:
+    """Request limits, checked before anything is allocated from what a request declares."""
+
+    max_depth: int = 32  # JSON nesting levels
+    max_elements: int = 16_777_216  # elements of one tensor, from its declared shape
+    max_tensors: int = 64  # entries of 'inputs' plus 'outputs'
+
+
+def decode_infer_request(
+    body: bytes, json_length: int | None, limits: Limits | None = None
+) -> InferRequest:
     """Decodes a V2 inference request body; `json_length` is Inference-Header-Content-Length."""
+    limits = limits or Limits()
     header, binary = _split_body(body, json_length)
     document = decode_json_body(header)
     if not isinstance(document, dict):
         raise InvalidInput("inference request must be a JSON object")
+    _check_limits(document, limits)
     parameters = _parameters(document.get("parameters"), "request")
     specs = _input_specs(document.get("inputs"))
     chunks = _binary_chunks(specs, binary, json_length)
@@ -132,6 +145,47 @@ def decode_infer_request(body: bytes, json_length: int | None) -> InferRequest:
         timeout_ms=_timeout_ms(parameters.get("timeout")),
         parameters=parameters,
     )
+
+
+def _check_limits(document: dict[str, Any], limits: Limits) -> None:
+    tensors = sum(
+        len(v) for v in (document.get("inputs"), document.get("outputs")) if isinstance(v, list)
+    )
+    if tensors > limits.max_tensors:
+        raise InvalidInput(
+            f"the request names {tensors} inputs and outputs; the limit is {limits.max_tensors}"
+        )
+    if _depth(document, limits.max_depth) > limits.max_depth:
+        raise InvalidInput(f"the request's JSON is nested deeper than {limits.max_depth} levels")
+    for entry in document.get("inputs") or []:
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+            count = math.prod(shape)
+            if count > limits.max_elements:
+                raise InvalidInput(
+                    f"input {entry.get('name')!r}: shape {_preview(shape)} declares {count} "
+                    f"elements; the limit is {limits.max_elements}"
+                )
+
+
+def _depth(value: Any, limit: int, level: int = 1) -> int:
+    """Nesting depth of ``value``, stopping past ``limit``.
+
+    Objects are searched fully; a list through its first element only when that is a list
+    (tensor data: a ragged deeper element is refused later as ragged), so the cost does not
+    grow with the number of elements sent.
+    """
+    if level > limit:
+        return level
+    if isinstance(value, dict):
+        return max((_depth(v, limit, level + 1) for v in value.values()), default=level)
+    if isinstance(value, list) and value:
+        if isinstance(value[0], list):
+            return _depth(value[0], limit, level + 1)
+        return max(
+            (_depth(v, limit, level + 1) for v in value if isinstance(v, dict)), default=level
+        )
+    return level
 
 
 def _split_body(body: bytes, json_length: int | None) -> tuple[memoryview, memoryview]:

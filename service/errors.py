@@ -41,3 +41,7 @@ class DeadlineExceeded(NormserveError):
 
 class PayloadTooLarge(NormserveError):
     """The request body exceeds the configured limit (HTTP 413)."""
+
+
+class ClientDisconnected(NormserveError):
+    """The client went away before its answer; nobody reads the response (logged as 499)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from datetime import UTC, datetime
@@ -33,7 +34,10 @@ Datatype = Literal[
     "BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
     "FP16", "FP32", "FP64", "BYTES",
 ]  # fmt: skip
-ModelName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]
+# Model names: an allow-list, so a name can never be a path (checked again on every request).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
 
 
 class _Strict(BaseModel):

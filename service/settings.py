@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.codec import Limits
+
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 
 
@@ -53,6 +55,19 @@ class Settings(BaseSettings):
     max_request_bytes: Annotated[int, Field(ge=1024)] = Field(
         16 * 1024 * 1024, description="Largest request body accepted (413 beyond)."
     )
+    max_json_depth: Annotated[int, Field(ge=4)] = Field(
+        32, description="Deepest JSON nesting accepted in a request (400 beyond)."
+    )
+    max_tensor_elements: Annotated[int, Field(ge=1)] = Field(
+        16_777_216,
+        description="Most elements one request tensor may declare (400 beyond, before allocating).",
+    )
+    max_tensors: Annotated[int, Field(ge=1)] = Field(
+        64, description="Most inputs plus outputs named in one request (400 beyond)."
+    )
+    graceful_shutdown_s: Annotated[float, Field(gt=0)] = Field(
+        30.0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
@@ -72,6 +87,10 @@ class Settings(BaseSettings):
                 f"the {budget} CPU(s) available; lower NORMSERVE_INTRA_OP_THREADS"
             )
         return self
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(self.max_json_depth, self.max_tensor_elements, self.max_tensors)
 
     @property
     def threads_per_session(self) -> int:

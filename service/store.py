@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.batcher import Batcher, BatchRecord
-from service.errors import ModelNotFound, ModelNotReady, NormserveError
-from service.repository import ModelConfig, list_models, verified_file
+from service.errors import InvalidInput, ModelNotFound, ModelNotReady, NormserveError
+from service.repository import MODEL_NAME, ModelConfig, list_models, verified_file
 from service.runtime import OnnxModel, SessionOptions
 from service.settings import Settings
 
@@ -103,6 +103,11 @@ class ModelStore:
         return sorted([*self.served, *self.failed])
 
     def get(self, name: str, version: str | None = None) -> Served:
+        if not MODEL_NAME.fullmatch(name):
+            raise InvalidInput(
+                f"invalid model name {name[:64]!r}: names are 1-128 letters, digits, '_', '.', '-'"
+                " and start with a letter or digit"
+            )
         served = self.served.get(name)
         if served is None:
             if name in self.failed:

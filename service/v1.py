@@ -7,7 +7,7 @@ from fastapi.responses import Response
 
 from service import codec
 from service.codec_v1 import decode_v1, encode_v1
-from service.v2 import Store, json_response, read_body
+from service.v2 import Store, json_response, read_body, until_disconnected
 
 router = APIRouter()
 
@@ -33,5 +33,7 @@ async def model_status(store: Store, model_name: str) -> Response:
 async def predict(request: Request, store: Store, model_name: str) -> Response:
     served = store.get(model_name)
     payload = codec.decode_json_body(await read_body(request))
-    outputs = await store.infer(served, decode_v1(payload, served.config), None)
+    outputs = await until_disconnected(
+        request, store.infer(served, decode_v1(payload, served.config), None)
+    )
     return json_response(encode_v1(outputs, served.config))

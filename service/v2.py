@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 
 from service import codec
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
 from service.metrics import Metrics, ModelStats
 from service.store import ModelStore, Served
 
@@ -19,6 +22,7 @@ EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_
 HEADER_LENGTH = "inference-header-content-length"
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 def get_store(request: Request) -> ModelStore:
@@ -46,6 +50,32 @@ async def read_body(request: Request) -> bytes:
             raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """``work``'s result, or cancel it when the client goes away first.
+
+    Cancelling cancels the caller's future in the batcher, which then skips the request: a
+    client that gave up costs no inference and frees its place in the queue.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise ClientDisconnected("the client disconnected before its answer was ready")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    # The body has been read: the next message can only be the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 # ------------------------------------------------------------------------ server
@@ -196,8 +226,10 @@ async def infer(
 ) -> Response:
     served = store.get(model_name, version)
     body = await read_body(request)
-    parsed = codec.decode_infer_request(body, _header_length(request))
-    outputs = await store.infer(served, parsed.inputs, parsed.timeout_ms)
+    parsed = codec.decode_infer_request(body, _header_length(request), store.settings.limits)
+    outputs = await until_disconnected(
+        request, store.infer(served, parsed.inputs, parsed.timeout_ms)
+    )
     payload, headers = codec.encode_infer_response(
         served.config.name,
         served.version,

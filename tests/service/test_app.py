@@ -192,3 +192,55 @@ def test_metrics_count_requests_by_status_without_inventing_labels(repository: P
 def test_settings_refuse_more_threads_than_cpus() -> None:
     with pytest.raises(ValueError, match="exceeds"):
         Settings(workers=1, intra_op_threads=10_000)
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {"name": "x", "datatype": "FP32", "shape": [1, 4], "data": [[[[[1]]]]]}
+                    ],
+                    "parameters": {"a": {"b": {"c": {"d": {"e": {"f": {}}}}}}},
+                }
+            ),
+            "nested deeper than 6 levels",
+        ),
+        (
+            orjson.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [4096, 4096]}]}),
+            "declares 16777216 elements; the limit is 1000",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "inputs": [
+                        {"name": f"x{i}", "datatype": "FP32", "shape": [1], "data": [1]}
+                        for i in range(5)
+                    ]
+                }
+            ),
+            "names 5 inputs and outputs; the limit is 4",
+        ),
+    ],
+)
+def test_request_limits_are_enforced_before_decoding(
+    repository: Path, body: bytes, fragment: str
+) -> None:
+    with _client(repository, max_json_depth=6, max_tensor_elements=1000, max_tensors=4) as client:
+        response = client.post("/v2/models/tiny/infer", content=body)
+        assert response.status_code == 400
+        assert fragment in response.json()["error"]
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "a b", "x" * 200, "ünï"])
+def test_model_names_outside_the_allow_list_are_400(repository: Path, name: str) -> None:
+    with _client(repository) as client:
+        response = client.post(
+            f"/v2/models/{name}/infer", content=_v2(np.zeros((1, 4), np.float32))
+        )
+        assert response.status_code in (400, 404), response.text
+        assert response.json()["error"]
+        if response.status_code == 400:
+            assert "invalid model name" in response.json()["error"]

@@ -151,3 +151,35 @@ def test_batched_rows_equal_unbatched_rows_bit_for_bit(tmp_path: Path) -> None:
     together = model.run({"x": x})["scores"]
     alone = np.concatenate([model.run({"x": x[i : i + 1]})["scores"] for i in range(8)])
     assert np.array_equal(together, alone)
+
+
+class FailingOnNegative(OnnxModel):
+    """The real tiny model, failing (as a model fault would) on rows holding -999."""
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if (inputs["x"] == -999).any():
+            raise RuntimeError("kernel failure")
+        return super().run(inputs)
+
+
+def test_a_failing_request_does_not_fail_its_batch_companions(tmp_path: Path) -> None:
+    model = _model(tmp_path, FailingOnNegative)
+    bad = np.full((1, FEATURES), -999, np.float32)
+
+    async def scenario() -> list[object]:
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0.05, max_queue_size=16)
+        batcher.start()
+        tasks = [
+            asyncio.create_task(batcher.submit({"x": bad if i == 2 else _rows(1, i)}))
+            for i in range(5)
+        ]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = asyncio.run(scenario())
+    assert isinstance(results[2], RuntimeError)
+    for i, result in enumerate(results):
+        if i != 2:
+            assert isinstance(result, dict)
+            np.testing.assert_allclose(result["scores"], expected(_rows(1, i)), atol=ATOL)
