@@ -69,7 +69,7 @@ class OnnxModel:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise RepositoryError(
                 f"model '{self.name}' version {version.version}: onnxruntime cannot load "
-                f"{path.name}: {type(exc).__name__}"
+                f"{path.name}: {_load_failure(str(exc))}"
             ) from exc
         self._check_signature()
         self.threads = threads
@@ -131,6 +131,20 @@ class OnnxModel:
         }
         self.run(zeros)
         return time.perf_counter() - started
+
+
+def _load_failure(message: str) -> str:
+    """What went wrong loading a model, in words safe to show (no paths from the message)."""
+    lowered = message.lower()
+    if "external data" in lowered:
+        if "escapes model directory" in lowered or "absolute path" in lowered:
+            return "its external data points outside the model directory (refused)"
+        if "does not exist" in lowered:
+            return "its external data file is missing"
+        return "its external data is invalid"
+    if "protobuf parsing failed" in lowered or "invalid_protobuf" in lowered:
+        return "the file is not a valid ONNX model (truncated or corrupt?)"
+    return "the model is invalid or uses an unsupported operator (see the server log)"
 
 
 def datatype_of(array: np.ndarray) -> str:

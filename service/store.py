@@ -58,7 +58,8 @@ class ModelStore:
                 model = OnnxModel(config, version, path, options)
                 seconds = model.warmup()
             except NormserveError as exc:
-                log.error("model '%s' not loaded: %s", config.name, exc)
+                # The full cause (onnxruntime's own message) is for operators, in the log.
+                log.error("model '%s' not loaded: %s (cause: %s)", config.name, exc, exc.__cause__)
                 self.failed[config.name] = str(exc)
                 continue
             batching = config.batching
