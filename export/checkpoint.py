@@ -39,7 +39,9 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
         except Exception as exc:
             # torch's own message is several lines and suggests weights_only=False, the unsafe
             # option this refusal exists for: keep only the line naming what was refused.
-            found = re.search(r"Unsupported global: GLOBAL (\S+)", _plain(str(exc)))
+            found = re.search(
+                r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", _plain(str(exc))
+            )
             what = f" (it references {found.group(1)})" if found else ""
             raise CheckpointError(
                 f"{path} cannot be loaded with torch.load(weights_only=True){what}: it is not a "

@@ -155,9 +155,9 @@ def _check_limits(document: dict[str, Any], limits: Limits) -> None:
         raise InvalidInput(
             f"the request names {tensors} inputs and outputs; the limit is {limits.max_tensors}"
         )
-    if _depth(document, limits.max_depth) > limits.max_depth:
-        raise InvalidInput(f"the request's JSON is nested deeper than {limits.max_depth} levels")
-    for entry in document.get("inputs") or []:
+    check_depth(document, limits.max_depth)
+    inputs = document.get("inputs")
+    for entry in inputs if isinstance(inputs, list) else []:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
             count = math.prod(shape)
@@ -166,6 +166,12 @@ def _check_limits(document: dict[str, Any], limits: Limits) -> None:
                     f"input {entry.get('name')!r}: shape {_preview(shape)} declares {count} "
                     f"elements; the limit is {limits.max_elements}"
                 )
+
+
+def check_depth(document: Any, max_depth: int) -> None:
+    """InvalidInput when ``document`` nests deeper than ``max_depth``."""
+    if _depth(document, max_depth) > max_depth:
+        raise InvalidInput(f"the request's JSON is nested deeper than {max_depth} levels")
 
 
 def _depth(value: Any, limit: int, level: int = 1) -> int:

@@ -192,12 +192,15 @@ def list_models(root: Path) -> list[ModelConfig]:
 def verified_file(root: Path, config: ModelConfig, version: ModelVersion) -> Path:
     """The model file of ``version``, after checking that its sha256 is the recorded one."""
     path = model_file(root, config, version)
+    shown = path.relative_to(root)  # messages reach clients: no absolute server paths
     if not path.is_file():
-        raise RepositoryError(f"model '{config.name}' version {version.version}: {path} is missing")
+        raise RepositoryError(
+            f"model '{config.name}' version {version.version}: {shown} is missing"
+        )
     actual = sha256_file(path)
     if actual != version.sha256:
         raise IntegrityError(
-            f"model '{config.name}' version {version.version}: {path} has sha256 {actual}, "
+            f"model '{config.name}' version {version.version}: {shown} has sha256 {actual}, "
             f"but {version.sha256} was recorded at export (file changed or corrupt; re-export it)"
         )
     return path

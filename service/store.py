@@ -112,7 +112,9 @@ class ModelStore:
         served = self.served.get(name)
         if served is None:
             if name in self.failed:
-                raise ModelNotReady(f"model '{name}' is not available: it failed to load")
+                raise ModelNotReady(
+                    f"model '{name}' is not available: it failed to load ({self.failed[name]})"
+                )
             raise ModelNotFound(f"model '{name}' not found; available: {self.names()}")
         if version not in (None, "", served.version):
             raise ModelNotFound(

@@ -33,6 +33,7 @@ async def model_status(store: Store, model_name: str) -> Response:
 async def predict(request: Request, store: Store, model_name: str) -> Response:
     served = store.get(model_name)
     payload = codec.decode_json_body(await read_body(request))
+    codec.check_depth(payload, store.settings.max_json_depth)
     outputs = await until_disconnected(
         request, store.infer(served, decode_v1(payload, served.config), None)
     )
