@@ -301,7 +301,8 @@ def test_verified_file_detects_one_changed_byte(tmp_path: Path) -> None:
     message = str(info.value)
     assert version.sha256 in message
     assert hashlib.sha256(bytes(data)).hexdigest() in message
-    assert str(path) in message
+    # Names the file relative to the repository: the message can reach clients.
+    assert str(path.relative_to(tmp_path)) in message and str(tmp_path) not in message
 
 
 def test_verified_file_reports_a_missing_file(tmp_path: Path) -> None:
@@ -311,7 +312,8 @@ def test_verified_file_reports_a_missing_file(tmp_path: Path) -> None:
         verified_file(tmp_path, config, version)
     assert not isinstance(info.value, IntegrityError)
     assert "missing" in str(info.value)
-    assert str(path) in str(info.value)
+    assert str(path.relative_to(tmp_path)) in str(info.value)
+    assert str(tmp_path) not in str(info.value)
 
 
 # --- installation -------------------------------------------------------------------------
