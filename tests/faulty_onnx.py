@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tiny_onnx import install_source
 
-from service.repository import ModelConfig, ModelVersion, TensorSpec, install_model, now
+from service.repository import TensorSpec
 
 ROWS = 10
 COLUMNS = 3
@@ -46,26 +47,16 @@ def write_faulty_onnx(path: Path) -> Path:
 
 
 def faulty_repository(root: Path, name: str = "faulty", **config: object) -> Path:
-    """A repository with the faulty model, installed through the real format code."""
+    """A repository with the faulty model."""
     source = write_faulty_onnx(root / f"{name}-source.onnx")
-    spec = ModelConfig.model_validate(
+    return install_source(
+        root,
+        source,
         {
             "name": name,
             "inputs": [TensorSpec(name="x", datatype="FP32", shape=[-1]).model_dump()],
             "outputs": [TensorSpec(name="y", datatype="FP32", shape=[-1, COLUMNS]).model_dump()],
             "max_batch_size": 64,
             **config,
-        }
+        },
     )
-    version = ModelVersion(
-        version=1,
-        sha256="0" * 64,
-        opset=18,
-        exported_at=now(),
-        parity_max_abs_error=0.0,
-        parity_bound=1e-5,
-    )
-    repository = root / "repository"
-    install_model(repository, spec, source, version)
-    source.unlink()
-    return repository

@@ -39,21 +39,10 @@ def write_tiny_onnx(path: Path) -> Path:
     return path
 
 
-def tiny_repository(root: Path, name: str = "tiny", **config: object) -> Path:
-    """A repository with one tiny classifier, installed through the real format code."""
-    source = write_tiny_onnx(root / f"{name}-source.onnx")
-    spec = ModelConfig.model_validate(
-        {
-            "name": name,
-            "inputs": [TensorSpec(name="x", datatype="FP32", shape=[-1, FEATURES]).model_dump()],
-            "outputs": [
-                TensorSpec(name="scores", datatype="FP32", shape=[-1, CLASSES]).model_dump()
-            ],
-            "labels": ["a", "b", "c"],
-            "max_batch_size": 8,
-            **config,
-        }
-    )
+def install_source(root: Path, source: Path, config: dict[str, object]) -> Path:
+    """Install ``source`` as version 1 of ``config`` in ``root/repository``, through the real
+    format code (sha256 computed by install_model); the source file is removed."""
+    spec = ModelConfig.model_validate(config)
     version = ModelVersion(
         version=1,
         sha256="0" * 64,
@@ -66,3 +55,22 @@ def tiny_repository(root: Path, name: str = "tiny", **config: object) -> Path:
     install_model(repository, spec, source, version)
     source.unlink()
     return repository
+
+
+def tiny_repository(root: Path, name: str = "tiny", **config: object) -> Path:
+    """A repository with one tiny classifier."""
+    source = write_tiny_onnx(root / f"{name}-source.onnx")
+    return install_source(
+        root,
+        source,
+        {
+            "name": name,
+            "inputs": [TensorSpec(name="x", datatype="FP32", shape=[-1, FEATURES]).model_dump()],
+            "outputs": [
+                TensorSpec(name="scores", datatype="FP32", shape=[-1, CLASSES]).model_dump()
+            ],
+            "labels": ["a", "b", "c"],
+            "max_batch_size": 8,
+            **config,
+        },
+    )
