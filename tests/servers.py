@@ -47,7 +47,7 @@ def free_port() -> int:
         return port
 
 
-def wait_until_ready(server: RunningServer) -> None:
+def wait_until_ready(server: RunningServer, endpoint: str = "/v2/health/ready") -> None:
     deadline = time.monotonic() + READY_WITHIN_S
     last = "no answer yet"
     while time.monotonic() < deadline:
@@ -57,7 +57,7 @@ def wait_until_ready(server: RunningServer) -> None:
                 f"{server.log_tail()}"
             )
         try:
-            response = httpx.get(f"{server.http_url}/v2/health/ready", timeout=2.0)
+            response = httpx.get(f"{server.http_url}{endpoint}", timeout=2.0)
             if response.status_code == 200:
                 return
             last = f"HTTP {response.status_code}: {response.text[:200]}"
@@ -68,8 +68,14 @@ def wait_until_ready(server: RunningServer) -> None:
 
 
 @contextmanager
-def running_server(repository: Path, log_dir: Path, *args: str) -> Iterator[RunningServer]:
-    """``python -m service`` on a free port with extra ``args``; stopped by SIGTERM after."""
+def running_server(
+    repository: Path, log_dir: Path, *args: str, until: str = "ready"
+) -> Iterator[RunningServer]:
+    """``python -m service`` on a free port with extra ``args``; stopped by SIGTERM after.
+
+    Waits until ``/v2/health/<until>`` answers 200: "live" for a server with a broken model,
+    which is live and never ready.
+    """
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     command = [
@@ -86,7 +92,7 @@ def running_server(repository: Path, log_dir: Path, *args: str) -> Iterator[Runn
         )
     running = RunningServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", log_path, proc)
     try:
-        wait_until_ready(running)
+        wait_until_ready(running, f"/v2/health/{until}")
         yield running
     finally:
         # Only ever the process started above, by its own PID.

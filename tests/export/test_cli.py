@@ -8,9 +8,7 @@ only three tests export; the refusals happen before any export starts.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
 import shutil
@@ -23,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from cli_runner import run_cli_in_process as run_in_process
 from safetensors.torch import save_file
 
 from service.repository import CONFIG_FILE, MODEL_FILE, list_models, read_config, verified_file
@@ -106,28 +105,7 @@ def run_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def run_cli_in_process(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """The same entry point, ``export.__main__.main``, without a new interpreter.
-
-    For the refusals, which stop before any export: a subprocess would spend most of its
-    time importing torch again.
-    """
-    from export.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old_cwd, old_path = os.getcwd(), list(sys.path)
-    os.chdir(cwd)
-    sys.path.insert(0, str(cwd))
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:  # argparse errors exit 2, as in a real run
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(old_cwd)
-        sys.path[:] = old_path
-        sys.modules.pop(USER_MODULE, None)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    return run_in_process(cwd, *args, user_module=USER_MODULE)
 
 
 def load_user_module(path: Path) -> ModuleType:

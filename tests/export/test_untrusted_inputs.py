@@ -8,15 +8,12 @@ served, and the CLI must answer with one ``error:`` line, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import pathlib
 import pickle
 import re
 import struct
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_runner import run_cli_in_process as run_in_process
 from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from safetensors.torch import save_file
@@ -139,24 +137,7 @@ def test_refusal_does_not_advise_an_unsafe_workaround(evil_checkpoint: tuple[Pat
 
 
 def run_cli_in_process(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """``export.__main__.main`` in this process, as tests/export/test_cli.py runs refusals."""
-    from export.__main__ import main
-
-    out, err = io.StringIO(), io.StringIO()
-    old_cwd, old_path = os.getcwd(), list(sys.path)
-    os.chdir(cwd)
-    sys.path.insert(0, str(cwd))
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = main(list(args))
-            except SystemExit as exc:
-                code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        os.chdir(old_cwd)
-        sys.path[:] = old_path
-        sys.modules.pop(USER_MODULE, None)
-    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+    return run_in_process(cwd, *args, user_module=USER_MODULE)
 
 
 def export_with_checkpoint(directory: Path, checkpoint: Path) -> subprocess.CompletedProcess[str]:

@@ -18,10 +18,8 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,7 @@ import orjson
 import pytest
 from faulty_onnx import BAD_INDEX, faulty_repository
 from faulty_onnx import expected as faulty_expected
-from servers import ROOT, RunningServer, free_port, running_server
+from servers import RunningServer, running_server
 
 from models.data import load_digits_split
 from service.repository import sha256_file
@@ -178,50 +176,6 @@ def vm_rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS in /proc/{pid}/status")
-
-
-@contextmanager
-def live_server(repository: Path, log_dir: Path, *args: str) -> Iterator[RunningServer]:
-    """Like ``servers.running_server``, but waits for liveness only: a server with a broken
-    model is live and never ready. Stopped by SIGTERM, and must then exit with code 0."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    command = [
-        sys.executable, "-m", "service", "--repository", str(repository),
-        "--host", "127.0.0.1", "--port", str(port), *args,
-    ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            command,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-        )
-    running = RunningServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", log_path, proc)
-
-    def live() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{running.log_tail()}")
-        try:
-            return httpx.get(f"{running.http_url}/v2/health/live", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(live, "server live", within_s=60)
-        yield running
-    finally:
-        # Only ever the process started above, by its own PID.
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-            pytest.fail(f"server did not exit within 30 s of SIGTERM:\n{running.log_tail()}")
-    assert code == 0, f"exit code {code} after SIGTERM\n{running.log_tail()}"
 
 
 # ------------------------------------------------------------------------------ overload
@@ -573,7 +527,7 @@ def test_damaged_model_file_at_startup_is_unavailable_and_others_serve(
     damage(repository / broken)
     images = rows_of(100, 16)
     with (
-        live_server(repository, tmp_path, "--access-log", "false") as srv,
+        running_server(repository, tmp_path, "--access-log", "false", until="live") as srv,
         httpx.Client(base_url=srv.http_url, timeout=30) as client,
     ):
         assert client.get("/v2/health/live").status_code == 200
