@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPOSITORY ?= model_repository
 CHECKPOINTS ?= checkpoints
 
-.PHONY: serve test repository lint venv clean
+.PHONY: serve test repository lint venv clean lock
 
 # pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise).
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,17 @@ lint: $(VENV)/.installed
 # pytest exits 5 when it collected no test: make treats that like any failure.
 test: lint
 	$(BIN)/python -m pytest
+
+# Re-pins requirements/serve.txt (what the runtime image installs, with --no-deps) to the
+# closure of pyproject's [project.dependencies], resolved in a throw-away environment.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet .
+	{ echo "# Serving dependencies of the runtime image, pinned: the closure of [project.dependencies]"; \
+	  echo "# in pyproject.toml as pip resolved it. Regenerate with \`make lock\`; tests check it agrees."; \
+	  .lock-venv/bin/python -m pip freeze --exclude normserve; } > requirements/serve.txt
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) $(REPOSITORY) $(CHECKPOINTS) .pytest_cache .ruff_cache

@@ -166,6 +166,8 @@ def read_config(path: Path) -> ModelConfig:
         return ModelConfig.model_validate_json(path.read_bytes())
     except FileNotFoundError as exc:
         raise RepositoryError(f"{path}: no such file") from exc
+    except OSError as exc:  # e.g. files copied into an image without read permission
+        raise RepositoryError(f"{path}: cannot be read ({exc.strerror})") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
@@ -197,7 +199,13 @@ def verified_file(root: Path, config: ModelConfig, version: ModelVersion) -> Pat
         raise RepositoryError(
             f"model '{config.name}' version {version.version}: {shown} is missing"
         )
-    actual = sha256_file(path)
+    try:
+        actual = sha256_file(path)
+    except OSError as exc:
+        raise RepositoryError(
+            f"model '{config.name}' version {version.version}: {shown} cannot be read "
+            f"({exc.strerror})"
+        ) from exc
     if actual != version.sha256:
         raise IntegrityError(
             f"model '{config.name}' version {version.version}: {shown} has sha256 {actual}, "
@@ -211,12 +219,21 @@ def _atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        # mkstemp creates 0600; a repository is read by other users (the image's non-root
+        # server), so give it the mode an ordinary file gets under the current umask.
+        os.fchmod(fd, 0o666 & ~_current_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; restored at once
+    os.umask(mask)
+    return mask
 
 
 def install_model(

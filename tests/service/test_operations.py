@@ -87,6 +87,24 @@ def test_two_workers_split_the_cpu_budget(
         assert response.status_code == 200
 
 
+def test_server_writes_no_onnxruntime_telemetry(
+    built_repository: tuple[Path, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime 1.32 writes a device ID and a multi-MB event store under ~/.cache unless
+    ORT_DISABLE_TELEMETRY is set; the service sets it, so a server leaves the home alone."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.delenv("ORT_DISABLE_TELEMETRY", raising=False)
+    with running_server(built_repository[0], tmp_path) as srv:
+        image = load_digits_split().test.images[:1].numpy().reshape(1, 1, 8, 8)
+        response = httpx.post(f"{srv.http_url}/v2/models/digits_cnn/infer", content=_body(image))
+        assert response.status_code == 200
+    written = [str(p.relative_to(home)) for p in home.rglob("*")]
+    assert written == [], f"the server wrote into $HOME: {written}"
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -176,6 +176,17 @@ def test_read_config_of_a_missing_file(tmp_path: Path) -> None:
         read_config(path)
 
 
+def test_read_config_of_an_unreadable_path_is_a_repository_error(tmp_path: Path) -> None:
+    """An OSError other than 'missing' (here: a directory; as root, mode 000 reads fine) is
+    reported like any other repository problem, not as a traceback at start-up."""
+    path = tmp_path / "tiny" / CONFIG_FILE
+    path.mkdir(parents=True)
+    with pytest.raises(RepositoryError, match="cannot be read"):
+        read_config(path)
+    with pytest.raises(RepositoryError, match="cannot be read"):
+        list_models(tmp_path)
+
+
 def test_read_config_of_malformed_json(tmp_path: Path) -> None:
     path = tmp_path / "tiny" / CONFIG_FILE
     path.parent.mkdir()
@@ -339,6 +350,25 @@ def test_install_writes_the_layout_and_records_the_real_hash(
     assert [c.name for c in list_models(root)] == ["tiny"]
     assert next_version(root, "tiny") == 2
     assert onnx_file.read_bytes() == MODEL_BYTES  # the source is copied, not moved
+
+
+def test_installed_files_are_readable_by_other_users(tmp_path: Path, onnx_file: Path) -> None:
+    """The image's non-root server reads a repository built by another user: mkstemp's 0600
+    must not survive into config.json (it did, and the server could not start)."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        install_model(tmp_path / "repo", new_config(), onnx_file, new_version(1))
+    finally:
+        os.umask(previous)
+    for path in (
+        tmp_path / "repo" / "tiny" / CONFIG_FILE,
+        tmp_path / "repo" / "tiny" / "1" / MODEL_FILE,
+    ):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == 0o644, f"{path.name}: {oct(mode)}"
 
 
 def test_install_leaves_no_temporary_files(tmp_path: Path, onnx_file: Path) -> None:
