@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # tests/servers.py -> the project root
 READY_WITHIN_S = 60.0
 EXIT_WITHIN_S = 30.0
 
