@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPOSITORY ?= model_repository
 CHECKPOINTS ?= checkpoints
 
-.PHONY: serve test repository lint venv clean lock
+.PHONY: serve test repository lint venv clean lock bench
 
 # pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise).
 $(VENV)/.installed: pyproject.toml
@@ -23,6 +23,15 @@ repository: $(VENV)/.installed
 # Serves on 127.0.0.1:8000; flags and NORMSERVE_* variables are in README.md.
 serve: repository
 	$(BIN)/python -m service --repository $(REPOSITORY)
+
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/python -m pip install --quiet -e '.[export,dev,bench]'
+	touch $@
+
+# Engines in-process and the service under wrk against MLServer (its own venv, .bench/):
+# about 15 minutes; BENCH_ARGS=--quick for a one-minute smoke run. Results: reports/bench/.
+bench: repository $(VENV)/.bench-installed
+	$(BIN)/python -m benchmarks --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS) $(BENCH_ARGS)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
@@ -45,4 +54,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) $(REPOSITORY) $(CHECKPOINTS) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(REPOSITORY) $(CHECKPOINTS) .pytest_cache .ruff_cache .bench

@@ -40,6 +40,22 @@ class SessionOptions:
     graph_optimization_level: str = "all"
 
 
+def ort_session_options(threads: int, level: str = "all") -> ort.SessionOptions:
+    """The onnxruntime settings of every served session (the benchmark measures these too)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    # Batches are already parallel inside each operator; one inter-op thread avoids
+    # oversubscribing the CPU budget.
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = _LEVELS[level]
+    # Idle pool threads spinning would burn the CPUs other workers and requests need.
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
 class OnnxModel:
     """A loaded model version. ``run`` is thread-safe (onnxruntime sessions are)."""
 
@@ -53,17 +69,7 @@ class OnnxModel:
         self.outputs = config.outputs
         threads = config.runtime.intra_op_threads or options.intra_op_threads
         level = config.runtime.graph_optimization_level or options.graph_optimization_level
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        # Batches are already parallel inside each operator; one inter-op thread avoids
-        # oversubscribing the CPU budget.
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = _LEVELS[level]
-        # Idle pool threads spinning would burn the CPUs other workers and requests need.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-        so.log_severity_level = 3
+        so = ort_session_options(threads, level)
         try:
             self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types

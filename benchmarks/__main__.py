@@ -1,0 +1,230 @@
+"""``python -m benchmarks``: engines in-process and the HTTP service under wrk, side by side.
+
+Writes ``bench.json`` (every measurement), ``bench.md`` (the tables and the goals, each
+with its ratio) and ``bench.png`` to ``--out``. All ratios are between numbers measured in
+this one run, never against numbers from another run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.engines import benchmark_engines, openvino_available
+from benchmarks.http import Target, load_matrix
+from benchmarks.models import BENCH_MODELS, Exported, export_model
+from benchmarks.report import evaluate_goals, plot, write_markdown
+from benchmarks.serving import bench_repository, bodies, running_normserve, tree_rss_bytes
+from benchmarks.wrk import wrk_available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("checkpoints"))
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="the default models' repository (cold start)",
+    )
+    parser.add_argument("--models", default=",".join(BENCH_MODELS), help="engine benchmark models")
+    parser.add_argument("--http-models", default="cifar_cnn", help="models loaded over HTTP")
+    parser.add_argument("--threads", default="1,2", help="in-process thread counts, interleaved")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved engine rounds")
+    parser.add_argument("--http-rounds", type=int, default=3, help="interleaved HTTP rounds")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per HTTP point")
+    parser.add_argument("--concurrency", default="1,8,32,64")
+    parser.add_argument("--cold-starts", type=int, default=5, help="server starts to time")
+    parser.add_argument("--mlserver-venv", type=Path, default=Path(".bench/mlserver-venv"))
+    parser.add_argument("--no-mlserver", action="store_true", help="skip the MLServer peer")
+    parser.add_argument("--no-http", action="store_true", help="engines only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="1 round, 1 s points, concurrency 1 and 64: a smoke run",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.http_rounds, args.duration = 1, 1, 1.0
+        args.concurrency, args.cold_starts = "1,64", 1
+    return args
+
+
+def log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out: Path = args.out
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    report: dict[str, Any] = {
+        "machine": machine(),
+        "settings": {k: str(v) for k, v in vars(args).items()},
+    }
+
+    names = args.models.split(",")
+    http_names = [] if args.no_http else args.http_models.split(",")
+    log(f"exporting {', '.join(sorted(set(names) | set(http_names)))} with the export tool")
+    exported = {
+        n: export_model(BENCH_MODELS[n], work, args.checkpoints)
+        for n in sorted(set(names) | set(http_names))
+    }
+    report["models"] = {
+        n: {
+            "description": e.spec.description,
+            "input": list(e.spec.input_shape),
+            "parity_max_abs": e.parity_max_abs,
+            "bn_folded": e.report.bn_folded,
+            "nodes_before": e.report.nodes_before,
+            "nodes_after": e.report.nodes_after,
+        }
+        for n, e in exported.items()
+    }
+
+    threads = [int(t) for t in args.threads.split(",")]
+    if not openvino_available():
+        log("OpenVINO is not installed (pip install openvino): its rows are left out")
+    report["engines"] = {}
+    for name in names:
+        log(f"[{name}] in-process engines, threads {threads}, {args.rounds} rounds")
+        results = benchmark_engines(exported[name], threads, args.rounds, log=log)
+        report["engines"][name] = [r.summary() for r in results]
+
+    report["cold_start"] = cold_starts(args, work)
+    if http_names:
+        reason = wrk_available()
+        if reason is not None:
+            log(f"HTTP benchmark skipped: {reason}")
+            report["http_skipped"] = reason
+        else:
+            report["http"] = {n: http_benchmark(exported[n], args, work) for n in http_names}
+
+    report["goals"] = evaluate_goals(report)
+    report["elapsed_s"] = time.monotonic() - started
+    (out / "bench.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    markdown = write_markdown(report, out / "bench.md")
+    plot(report, out / "bench.png")
+    print(markdown)
+    log(
+        f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'} "
+        f"in {report['elapsed_s']:.0f} s"
+    )
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    import onnxruntime
+    import torch
+
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return {
+        "cpu": cpu,
+        "cores": len(__import__("os").sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def cold_starts(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Start the service on the default repository repeatedly: time to the first answered
+    inference (which implies ready), and RSS once answered."""
+    repository: Path = args.repository
+    if not (repository / "digits_cnn" / "config.json").exists():
+        log(f"cold start skipped: no default repository at {repository} (make repository)")
+        return {"skipped": f"no repository at {repository}"}
+    body = bodies("digits_cnn", np.zeros((1, 8, 8), np.float32), input_name="image")["v2-json"]
+    times, rss = [], []
+    for _ in range(args.cold_starts):
+        with running_normserve("cold-start", repository, body, work) as server:
+            times.append(server.cold_start_s)
+            rss.append(tree_rss_bytes(server.pid))
+    log(f"cold start to first inference (default models): {[round(t, 3) for t in times]} s")
+    return {"normserve_first_inference_s": times, "normserve_rss_bytes": rss}
+
+
+def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    name = model.spec.name
+    repository = bench_repository([model], work / f"repository-{name}")
+    sample = np.random.default_rng(0).random(model.spec.input_shape, dtype=np.float32)
+    wire = bodies(name, sample)
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    result: dict[str, Any] = {}
+    with ExitStack() as stack:
+        on = stack.enter_context(
+            running_normserve("normserve", repository, wire["v2-binary"], work)
+        )
+        off = stack.enter_context(
+            running_normserve(
+                "normserve-nobatch",
+                repository,
+                wire["v2-binary"],
+                work,
+                {"NORMSERVE_MAX_BATCH_SIZE": "1"},
+            )
+        )
+        targets = [Target("normserve", on.url, on.pid, wire[f]) for f in wire]
+        targets += [
+            Target("normserve, batching off", off.url, off.pid, wire[f])
+            for f in ("v2-json", "v2-binary")
+        ]
+        result["cold_start_s"] = {"normserve": on.cold_start_s}
+        peer = None if args.no_mlserver else start_mlserver(stack, model, args, work, wire)
+        if peer is not None:
+            targets.append(Target("mlserver", peer.url, peer.pid, wire["v2-json"]))
+            result["cold_start_s"]["mlserver"] = peer.cold_start_s
+        log(
+            f"[{name}] HTTP: {len(targets)} targets × concurrency {concurrencies} × "
+            f"{args.http_rounds} rounds × {args.duration:.0f} s"
+        )
+        series = load_matrix(targets, concurrencies, args.http_rounds, args.duration, work, log)
+        result["rss_after_load_bytes"] = {"normserve": tree_rss_bytes(on.pid)}
+        if peer is not None:
+            result["rss_after_load_bytes"]["mlserver"] = tree_rss_bytes(peer.pid)
+    result["series"] = [row for s in series for row in s.summary()]
+    return result
+
+
+def start_mlserver(
+    stack: ExitStack, model: Exported, args: argparse.Namespace, work: Path, wire: dict[str, Any]
+) -> Any:
+    try:
+        from benchmarks import mlserver_peer
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        log(f"MLServer peer unavailable: {exc}")
+        return None
+    try:
+        python = mlserver_peer.ensure_mlserver_venv(args.mlserver_venv)
+    except Exception as exc:  # pip or network: report and go on without the peer
+        log(f"MLServer peer skipped: {exc}")
+        return None
+    return stack.enter_context(
+        mlserver_peer.serve_for_benchmark(python, model, work, wire["v2-json"])
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""The benchmark's goals (from the performance issue), its tables and its plot.
+
+Every goal is a ratio or a difference between two numbers of the same run.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+SERVED = "ort as served"
+MIB = 1024 * 1024
+
+
+def _engine(report: dict[str, Any], model: str, engine: str, threads: int) -> dict[str, Any]:
+    for row in report.get("engines", {}).get(model, []):
+        if row["engine"] == engine and row["threads"] == threads:
+            return dict(row)
+    return {}
+
+
+def _http(report: dict[str, Any], model: str, server: str, fmt: str, c: int) -> dict[str, Any]:
+    for row in report.get("http", {}).get(model, {}).get("series", []):
+        if row["server"] == server and row["format"] == fmt and row["concurrency"] == c:
+            return dict(row)
+    return {}
+
+
+def _goal(name: str, measured: float, target: str, met: bool | None, detail: str) -> dict[str, Any]:
+    if measured is None or (isinstance(measured, float) and math.isnan(measured)):
+        met = None
+    return {"goal": name, "measured": measured, "target": target, "met": met, "detail": detail}
+
+
+def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    goals: list[dict[str, Any]] = []
+    threads = max(
+        (r["threads"] for rows in report.get("engines", {}).values() for r in rows), default=1
+    )
+    for model in report.get("http", {}):
+        served = _engine(report, model, SERVED, threads)
+        b32 = served.get("samples_per_s_b32", float("nan"))
+        for fmt, floor in (("v2-binary", 0.85), ("v2-json", 0.6)):
+            rate = _http(report, model, "normserve", fmt, 64).get("requests_per_s", float("nan"))
+            ratio = rate / b32
+            goals.append(
+                _goal(
+                    f"{model}: {fmt} at c=64 vs in-process onnxruntime b32 ({threads} threads)",
+                    ratio,
+                    f">= {floor}",
+                    ratio >= floor,
+                    f"{rate:.0f} req/s vs {b32:.0f} samples/s",
+                )
+            )
+        ours = _http(report, model, "normserve", "v2-json", 64).get("requests_per_s", math.nan)
+        peer = _http(report, model, "mlserver", "v2-json", 64).get("requests_per_s", math.nan)
+        goals.append(
+            _goal(
+                f"{model}: JSON req/s at c=64 vs MLServer",
+                ours / peer,
+                ">= 3",
+                ours / peer >= 3,
+                f"{ours:.0f} vs {peer:.0f} req/s",
+            )
+        )
+        concurrencies = sorted({r["concurrency"] for r in report["http"][model]["series"]})
+        worse = []
+        for c in concurrencies:
+            p99 = _http(report, model, "normserve", "v2-json", c).get("p99_ms", math.nan)
+            peer99 = _http(report, model, "mlserver", "v2-json", c).get("p99_ms", math.nan)
+            if not p99 < peer99:
+                worse.append(f"c={c}: {p99:.2f} vs {peer99:.2f} ms")
+        has_peer = not math.isnan(peer)
+        goals.append(
+            _goal(
+                f"{model}: JSON p99 below MLServer's at every concurrency",
+                float(len(concurrencies) - len(worse)) if has_peer else math.nan,
+                f"{len(concurrencies)} of {len(concurrencies)}",
+                not worse if has_peer else None,
+                "; ".join(worse) or "lower at every concurrency",
+            )
+        )
+        http_p50 = _http(report, model, "normserve", "v2-binary", 1).get("p50_ms", math.nan)
+        local = served.get("latency_b1_p50_ms", math.nan)
+        goals.append(
+            _goal(
+                f"{model}: c=1 binary p50 over HTTP minus in-process b1 p50",
+                http_p50 - local,
+                "<= 0.3 ms",
+                http_p50 - local <= 0.3,
+                f"{http_p50:.3f} vs {local:.3f} ms",
+            )
+        )
+        off = _http(report, model, "normserve, batching off", "v2-binary", 1).get(
+            "p50_ms", math.nan
+        )
+        goals.append(
+            _goal(
+                f"{model}: c=1 p50 with batching / without",
+                http_p50 / off,
+                "<= 1.05 (never worse)",
+                http_p50 / off <= 1.05,
+                f"{http_p50:.3f} vs {off:.3f} ms",
+            )
+        )
+    for model, rows in report.get("engines", {}).items():
+        for metric, better in (("latency_b1_p50_ms", min), ("samples_per_s_b32", max)):
+            # Every other fp32 engine under the same thread budget (reduced precision aside).
+            candidates = [
+                r
+                for r in rows
+                if r["threads"] == threads
+                and r["engine"] != SERVED
+                and "fp32" in r["engine"] + " fp32"
+                and not r["engine"].endswith(("bf16", "int8"))
+            ]
+            served_value = _engine(report, model, SERVED, threads).get(metric, math.nan)
+            if not candidates:
+                continue
+            best = better(candidates, key=lambda r: r[metric])
+            ratio = (
+                best[metric] / served_value
+                if metric.startswith("latency")
+                else served_value / best[metric]
+            )
+            goals.append(
+                _goal(
+                    f"{model}: served engine vs best other fp32 engine, {metric}",
+                    ratio,
+                    ">= 1.0",
+                    ratio >= 1.0,
+                    f"{served_value:.4g} vs {best['engine']} {best[metric]:.4g}",
+                )
+            )
+    cold = report.get("cold_start", {})
+    if cold.get("normserve_first_inference_s"):
+        median = statistics.median(cold["normserve_first_inference_s"])
+        goals.append(
+            _goal(
+                "cold start to first inference, default models (median)",
+                median,
+                "< 0.5 s",
+                median < 0.5,
+                f"{len(cold['normserve_first_inference_s'])} starts",
+            )
+        )
+    for model, http in report.get("http", {}).items():
+        rss = http.get("rss_after_load_bytes", {}).get("normserve", math.nan) / MIB
+        peer_rss = http.get("rss_after_load_bytes", {}).get("mlserver", math.nan)
+        goals.append(
+            _goal(
+                f"{model}: RSS after load, one worker",
+                rss,
+                "< 120 MiB",
+                rss < 120,
+                f"MLServer: {peer_rss / MIB:.0f} MiB",
+            )
+        )
+    return goals
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(report: dict[str, Any], path: Path) -> str:
+    parts = ["# normserve benchmark", "", f"Machine: {report['machine']}", ""]
+    parts += [
+        "## Goals",
+        "",
+        _table(
+            ["goal", "measured", "target", "met", "detail"],
+            [
+                [
+                    g["goal"],
+                    g["measured"],
+                    g["target"],
+                    {True: "yes", False: "**no**", None: "n/a"}[g["met"]],
+                    g["detail"],
+                ]
+                for g in report["goals"]
+            ],
+        ),
+        "",
+    ]
+    for model, rows in report.get("engines", {}).items():
+        parts += [
+            f"## In-process engines: {model}",
+            "",
+            _table(
+                [
+                    "engine",
+                    "threads",
+                    "b1 p50 ms",
+                    "b1 p99 ms",
+                    "b32 samples/s",
+                    "b128 samples/s",
+                    "max abs vs torch",
+                    "noisy rounds",
+                ],
+                [
+                    [
+                        r["engine"],
+                        r["threads"],
+                        r["latency_b1_p50_ms"],
+                        r["latency_b1_p99_ms"],
+                        r.get("samples_per_s_b32", math.nan),
+                        r.get("samples_per_s_b128", math.nan),
+                        r["max_abs_vs_torch"],
+                        r["noisy_rounds"],
+                    ]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
+    for model, http in report.get("http", {}).items():
+        parts += [
+            f"## HTTP: {model} (one sample per request, wrk on 127.0.0.1)",
+            "",
+            _table(
+                [
+                    "server",
+                    "format",
+                    "concurrency",
+                    "req/s",
+                    "p50 ms",
+                    "p99 ms",
+                    "errors",
+                    "server cores",
+                    "noisy rounds",
+                ],
+                [
+                    [
+                        r["server"],
+                        r["format"],
+                        r["concurrency"],
+                        r["requests_per_s"],
+                        r["p50_ms"],
+                        r["p99_ms"],
+                        r["errors"],
+                        r["server_cores"],
+                        r["noisy_rounds"],
+                    ]
+                    for r in http["series"]
+                ],
+            ),
+            "",
+        ]
+        rss = {k: round(v / MIB) for k, v in http.get("rss_after_load_bytes", {}).items()}
+        parts += [
+            f"Cold start to first inference (s): {http.get('cold_start_s')}; "
+            f"RSS after load (MiB): {rss}",
+            "",
+        ]
+    text = "\n".join(parts) + "\n"
+    path.write_text(text)
+    return text
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 9))
+    engines = report.get("engines", {})
+    threads = max((r["threads"] for rows in engines.values() for r in rows), default=1)
+    _engine_bars(axes[0][0], engines, threads, "samples_per_s_b32", "samples/s at batch 32")
+    _engine_bars(axes[0][1], engines, threads, "latency_b1_p50_ms", "batch-1 p50 latency (ms)")
+    for model, http in list(report.get("http", {}).items())[:1]:
+        _http_lines(axes[1][0], http["series"], "requests_per_s", f"{model}: requests/s")
+        _http_lines(axes[1][1], http["series"], "p99_ms", f"{model}: p99 latency (ms)")
+        axes[1][1].set_yscale("log")
+    fig.suptitle(f"normserve benchmark ({threads} threads in-process; one run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _engine_bars(ax: Any, engines: dict[str, Any], threads: int, metric: str, title: str) -> None:
+    models = list(engines)
+    names = sorted({r["engine"] for rows in engines.values() for r in rows})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [_engine({"engines": engines}, m, name, threads).get(metric, 0) for m in models]
+        ax.bar([x + i * width for x in range(len(models))], values, width, label=name)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(models))], models)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+
+
+def _http_lines(ax: Any, series: list[dict[str, Any]], metric: str, title: str) -> None:
+    def key(row: dict[str, Any]) -> tuple[str, str]:
+        return row["server"], row["format"]
+
+    for server, fmt in sorted({key(r) for r in series}):
+        rows = sorted(
+            (r for r in series if key(r) == (server, fmt)), key=lambda r: r["concurrency"]
+        )
+        ax.plot(
+            [r["concurrency"] for r in rows],
+            [r[metric] for r in rows],
+            marker="o",
+            label=f"{server} / {fmt}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent connections")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
