@@ -177,9 +177,9 @@ def check_depth(document: Any, max_depth: int) -> None:
 def _depth(value: Any, limit: int, level: int = 1) -> int:
     """Nesting depth of ``value``, stopping past ``limit``.
 
-    Objects are searched fully; a list through its first element only when that is a list
-    (tensor data: a ragged deeper element is refused later as ragged), so the cost does not
-    grow with the number of elements sent.
+    Objects are searched fully; a list through its first element when that is a list or a
+    scalar (tensor data: a ragged or mixed element is refused later by the tensor decoder),
+    so the cost does not grow with the number of elements sent.
     """
     if level > limit:
         return level
@@ -188,6 +188,11 @@ def _depth(value: Any, limit: int, level: int = 1) -> int:
     if isinstance(value, list) and value:
         if isinstance(value[0], list):
             return _depth(value[0], limit, level + 1)
+        if not isinstance(value[0], dict):
+            # Tensor data: numbers (or strings) all the way. Scanning thousands of them here
+            # cost more than the inference; an object hidden among them is refused later,
+            # without recursion, by the element-type check.
+            return level
         return max(
             (_depth(v, limit, level + 1) for v in value if isinstance(v, dict)), default=level
         )

@@ -779,3 +779,16 @@ def test_tritonclient_big_fp32_response(http: Any) -> None:
     for binary in (True, False):
         body, headers = encode_infer_response("m", None, None, {"y": expected}, None, binary)
         assert_same(parse_with_client(http, body, headers).as_numpy("y"), expected)
+
+
+def test_an_object_hidden_after_numbers_in_tensor_data_is_refused() -> None:
+    """The depth check reads number lists by their first element only (scanning every number
+    cost more than the inference); a deep object placed later is still a 400, not a crash."""
+    deep: Any = 1.0
+    for _ in range(200):
+        deep = {"a": deep}
+    body = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, deep]}]}
+    )
+    with pytest.raises(InvalidInput):
+        codec.decode_infer_request(body, None)
