@@ -22,8 +22,9 @@ import numpy as np
 from benchmarks.engines import benchmark_engines, openvino_available
 from benchmarks.http import Target, load_matrix
 from benchmarks.models import BENCH_MODELS, Exported, export_model
+from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
-from benchmarks.serving import bench_repository, bodies, running_normserve, tree_rss_bytes
+from benchmarks.serving import bench_repository, bodies, running_normserve
 from benchmarks.wrk import wrk_available
 
 ROOT = Path(__file__).resolve().parents[1]

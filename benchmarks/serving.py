@@ -7,12 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import httpx
 import numpy as np
 
 from benchmarks.models import Exported
+from benchmarks.procs import free_port
 from export.publish import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,13 +80,6 @@ def bench_repository(models: list[Exported], root: Path) -> Path:
             replace=True,
         )
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass(frozen=True)
@@ -155,24 +148,6 @@ def running_normserve(
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
-
-
-def tree_rss_bytes(pid: int) -> int:
-    """Resident memory of ``pid`` and every process below it."""
-    total, frontier = 0, [pid]
-    while frontier:
-        current = frontier.pop()
-        try:
-            status = Path(f"/proc/{current}/status").read_text()
-        except OSError:
-            continue
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            with suppress(OSError):
-                frontier += [int(c) for c in (task / "children").read_text().split()]
-    return total
 
 
 def _tail(log: Path, chars: int = 3000) -> str:

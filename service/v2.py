@@ -26,7 +26,9 @@ router = APIRouter()
 T = TypeVar("T")
 
 
-def get_store(request: Request) -> ModelStore:
+async def get_store(request: Request) -> ModelStore:
+    # async on purpose: FastAPI runs a plain `def` dependency in a worker thread, and that
+    # hand-off (per request, per dependency) cost more than the inference on this machine.
     store: ModelStore = request.app.state.store
     return store
 

@@ -183,3 +183,62 @@ def test_a_failing_request_does_not_fail_its_batch_companions(tmp_path: Path) ->
         if i != 2:
             assert isinstance(result, dict)
             np.testing.assert_allclose(result["scores"], expected(_rows(1, i)), atol=ATOL)
+
+
+class ThreadRecordingModel(OnnxModel):
+    """The real tiny model, recording which thread ran each batch (and optionally slow)."""
+
+    def __init__(self, *args: object, delay_s: float = 0.0) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.delay_s = delay_s
+        self.threads: list[int] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.append(threading.get_ident())
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        return super().run(inputs)
+
+
+def test_a_lone_quick_request_runs_on_the_loop_and_batches_in_a_worker(tmp_path: Path) -> None:
+    """The first lone request is measured in a worker; once known to be quick, lone requests
+    skip the thread hand-off; requests that queue together still go to a worker thread."""
+    model = _model(tmp_path, ThreadRecordingModel)
+    assert isinstance(model, ThreadRecordingModel)
+
+    async def scenario() -> tuple[int, list[np.ndarray]]:
+        loop_thread = threading.get_ident()
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64)
+        batcher.start()
+        answers = [await batcher.submit({"x": _rows(1, i)}) for i in range(3)]
+        assert batcher.lone_compute_s is not None and batcher.lone_compute_s < 0.0015
+        together = await asyncio.gather(*(batcher.submit({"x": _rows(1, i)}) for i in range(6)))
+        await batcher.stop()
+        return loop_thread, [a["scores"] for a in [*answers, *together]]
+
+    loop_thread, outputs = asyncio.run(scenario())
+    assert model.threads[0] != loop_thread, "the first, unmeasured request must not block"
+    assert model.threads[1:3] == [loop_thread, loop_thread]
+    assert all(t != loop_thread for t in model.threads[3:] if len(model.threads) > 3)
+    for i, got in enumerate(outputs):
+        np.testing.assert_allclose(got, expected(_rows(1, i if i < 3 else i - 3)), atol=ATOL)
+
+
+def test_a_slow_model_never_runs_on_the_loop(tmp_path: Path) -> None:
+    repository = tiny_repository(tmp_path)
+    (config,) = list_models(repository)
+    path = verified_file(repository, config, config.latest)
+    model = ThreadRecordingModel(
+        config, config.latest, path, SessionOptions(intra_op_threads=1), delay_s=0.005
+    )
+
+    async def scenario() -> int:
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64)
+        batcher.start()
+        for i in range(4):
+            await batcher.submit({"x": _rows(1, i)})
+        await batcher.stop()
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert len(model.threads) == 4 and loop_thread not in model.threads
