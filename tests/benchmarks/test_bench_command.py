@@ -1,0 +1,103 @@
+"""`python -m benchmarks` end to end in its smoke mode, and the goal arithmetic on its output.
+
+The numbers themselves are never asserted (speed is measured by the command, not tested);
+what is asserted is that every part ran, answered correctly and was reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.report import evaluate_goals
+from benchmarks.wrk import wrk_available
+
+
+@pytest.fixture(scope="module")
+def smoke_report(
+    built_repository: tuple[Path, Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Any]:
+    reason = wrk_available()
+    if reason is not None:
+        pytest.skip(reason)
+    repository, checkpoints, _ = built_repository
+    out = tmp_path_factory.mktemp("bench")
+    code = main(
+        ["--quick", "--no-mlserver", "--out", str(out), "--repository", str(repository),
+         "--checkpoints", str(checkpoints), "--models", "cifar_cnn", "--threads", "2"]
+    )  # fmt: skip
+    assert code == 0
+    for name in ("bench.json", "bench.md", "bench.png"):
+        assert (out / name).stat().st_size > 0, name
+    report: dict[str, Any] = json.loads((out / "bench.json").read_text())
+    return report
+
+
+def test_engines_agree_with_torch_and_are_all_measured(smoke_report: dict[str, Any]) -> None:
+    rows = smoke_report["engines"]["cifar_cnn"]
+    names = {r["engine"] for r in rows}
+    assert {"torch eager", "ort unfolded, opt off", "ort folded, opt off", "ort as served"} <= names
+    for row in rows:
+        assert row["max_abs_vs_torch"] < 1e-4, row  # the folded file computes the same function
+        assert row["samples_per_s_b32"] > 0 and row["latency_b1_p50_ms"] > 0
+
+
+def test_every_http_target_answered_without_errors(smoke_report: dict[str, Any]) -> None:
+    series = smoke_report["http"]["cifar_cnn"]["series"]
+    targets = {(r["server"], r["format"]) for r in series}
+    assert targets == {
+        ("normserve", "v2-json"), ("normserve", "v2-binary"), ("normserve", "v1-json"),
+        ("normserve, batching off", "v2-json"), ("normserve, batching off", "v2-binary"),
+    }  # fmt: skip
+    for row in series:
+        assert row["errors"] == 0, row
+        assert row["requests_per_s"] > 0 and row["p50_ms"] <= row["p99_ms"]
+    assert smoke_report["cold_start"]["normserve_first_inference_s"][0] > 0
+
+
+def test_goals_are_reported_with_ratios(smoke_report: dict[str, Any]) -> None:
+    goals = {g["goal"]: g for g in smoke_report["goals"]}
+    key = "cifar_cnn: v2-binary at c=64 vs in-process onnxruntime b32 (2 threads)"
+    assert key in goals and goals[key]["met"] in (True, False)
+    mlserver = goals["cifar_cnn: JSON req/s at c=64 vs MLServer"]
+    assert mlserver["met"] is None  # no peer in this run: not met, not failed: not measured
+
+
+def test_goal_arithmetic() -> None:
+    """Ratios come from the right rows: a hand-made report with known numbers."""
+
+    def row(server: str, fmt: str, c: int, rps: float, p50: float, p99: float) -> dict[str, Any]:
+        return {"server": server, "format": fmt, "concurrency": c, "requests_per_s": rps,
+                "p50_ms": p50, "p99_ms": p99}  # fmt: skip
+
+    report = {
+        "engines": {"m": [
+            {"engine": "ort as served", "threads": 2, "samples_per_s_b32": 1000.0,
+             "latency_b1_p50_ms": 0.5},
+            {"engine": "openvino fp32", "threads": 2, "samples_per_s_b32": 2000.0,
+             "latency_b1_p50_ms": 0.25},
+        ]},
+        "http": {"m": {"series": [
+            row("normserve", "v2-binary", 64, 900.0, 10, 20),
+            row("normserve", "v2-json", 64, 600.0, 10, 20),
+            row("mlserver", "v2-json", 64, 100.0, 10, 30),
+            row("normserve", "v2-binary", 1, 500.0, 0.7, 1.0),
+            row("normserve", "v2-json", 1, 500.0, 0.9, 1.0),
+            row("mlserver", "v2-json", 1, 300.0, 1.0, 0.5),
+            row("normserve, batching off", "v2-binary", 1, 500.0, 0.7, 1.0),
+        ], "rss_after_load_bytes": {"normserve": 100 * 2**20}}},
+    }  # fmt: skip
+    goals = {g["goal"]: g for g in evaluate_goals(report)}
+    assert math.isclose(goals["m: v2-binary at c=64 vs in-process onnxruntime b32 (2 threads)"]
+                        ["measured"], 0.9)  # fmt: skip
+    assert goals["m: JSON req/s at c=64 vs MLServer"]["measured"] == 6.0
+    assert goals["m: JSON p99 below MLServer's at every concurrency"]["met"] is False  # c=1
+    assert math.isclose(goals["m: c=1 binary p50 over HTTP minus in-process b1 p50"]
+                        ["measured"], 0.2)  # fmt: skip
+    assert goals["m: served engine vs best other fp32 engine, samples_per_s_b32"]["met"] is False
+    assert goals["m: RSS after load, one worker"]["met"] is True
