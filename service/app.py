@@ -33,6 +33,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
 )
+from service.fastpath import InferFastPath
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
@@ -114,17 +115,23 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     _install_error_handlers(app)
+    # Added first, so it runs inside the access log and metrics (the last added is outermost).
+    app.add_middleware(InferFastPath, store=store, on_error=domain_error_response)
     app.add_middleware(AccessMiddleware, metrics=metrics, store=store, enabled=settings.access_log)
     return app
+
+
+def domain_error_response(exc: NormserveError) -> Response:
+    headers = None
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    return error_response(status_for(exc), str(exc), headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NormserveError)
     async def domain_error(request: Request, exc: NormserveError) -> Response:
-        headers = None
-        if isinstance(exc, Overloaded):
-            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        return error_response(status_for(exc), str(exc), headers)
+        return domain_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -230,6 +230,15 @@ async def repository_index(store: Store) -> Response:
 async def infer(
     request: Request, store: Store, model_name: str, version: str | None = None
 ) -> Response:
+    # Documented here for OpenAPI; requests are answered by service.fastpath, in front of the
+    # router, which calls infer_response directly.
+    return await infer_response(request, store, model_name, version)
+
+
+async def infer_response(
+    request: Request, store: ModelStore, model_name: str, version: str | None
+) -> Response:
+    """One V2 inference: parse, queue for the batcher, encode. Errors raise NormserveError."""
     served = store.get(model_name, version)
     body = await read_body(request)
     parsed = codec.decode_infer_request(body, _header_length(request), store.settings.limits)

@@ -26,6 +26,7 @@ from tiny_onnx import CLASSES, FEATURES, write_tiny_onnx
 from tritonclient.utils import InferenceServerException
 
 from benchmarks import mlserver_peer as mp
+from benchmarks import procs
 
 TOLERANCE = 1e-5
 CONCURRENT = 32
@@ -76,7 +77,7 @@ def peer(
 ) -> Iterator[mp.Peer]:
     """The benchmark's configuration (parallel_workers default), with a batch window long
     enough that concurrent requests are certainly merged, and the batch sizes logged."""
-    port = mp.free_port()
+    port = procs.free_port()
     model_dir = mp.write_model_dir(
         tmp_path_factory.mktemp("mlserver"),
         "tiny",
@@ -293,7 +294,7 @@ def test_lifecycle_with_workers_measures_and_stops_the_whole_tree(
 ) -> None:
     """parallel_workers=1: inference in a spawned worker (the runtime must load there too),
     and child processes that must all be gone once the context exits."""
-    port = mp.free_port()
+    port = procs.free_port()
     model_dir = mp.write_model_dir(
         tmp_path,
         "tiny",
@@ -310,9 +311,9 @@ def test_lifecycle_with_workers_measures_and_stops_the_whole_tree(
         np.testing.assert_allclose(
             _infer(peer.address, x), _expected(reference, x), rtol=TOLERANCE, atol=TOLERANCE
         )
-        family = mp.descendants(peer.pid)
+        family = procs.descendants(peer.pid)
         assert family, "parallel_workers=1 spawns a worker process"
-        assert mp.tree_rss_bytes(peer.pid) > mp.tree_rss_bytes(family[0]) > 0
+        assert procs.tree_rss_bytes(peer.pid) > procs.tree_rss_bytes(family[0]) > 0
         pid = peer.pid
     for gone in [pid, *family]:
         assert not Path(f"/proc/{gone}").exists() or _zombie(gone), f"{gone} still runs"

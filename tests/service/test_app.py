@@ -244,3 +244,23 @@ def test_model_names_outside_the_allow_list_are_400(repository: Path, name: str)
         assert response.json()["error"]
         if response.status_code == 400:
             assert "invalid model name" in response.json()["error"]
+
+
+def test_inference_fast_path_keeps_the_routes_contract(repository: Path) -> None:
+    """Inference requests skip FastAPI's router (service.fastpath): versions, errors, other
+    methods and the OpenAPI document must behave exactly as the documented routes say."""
+    x = np.zeros((2, 4), np.float32)
+    with _client(repository) as client:
+        assert client.post("/v2/models/tiny/versions/1/infer", content=_v2(x)).status_code == 200
+        missing = client.post("/v2/models/tiny/versions/9/infer", content=_v2(x))
+        assert missing.status_code == 404 and "9" in missing.json()["error"]
+        unknown = client.post("/v2/models/nothing/infer", content=_v2(x))
+        assert unknown.status_code == 404 and "nothing" in unknown.json()["error"]
+        assert client.get("/v2/models/tiny/infer").status_code == 405
+        assert client.post("/v2/models/tiny/infer/extra", content=_v2(x)).status_code == 404
+        paths = client.get("/openapi.json").json()["paths"]
+        assert "/v2/models/{model_name}/infer" in paths
+        assert "/v2/models/{model_name}/versions/{version}/infer" in paths
+        text = client.get("/metrics").text
+    assert 'normserve_requests_total{model="tiny",protocol="v2",status="200"} 1.0' in text
+    assert 'normserve_requests_total{model="tiny",protocol="v2",status="404"} 1.0' in text
