@@ -7,6 +7,7 @@ from fastapi.responses import Response
 
 from service import codec
 from service.codec_v1 import decode_v1, encode_v1
+from service.store import ModelStore
 from service.v2 import Store, json_response, read_body, until_disconnected
 
 router = APIRouter()
@@ -31,6 +32,12 @@ async def model_status(store: Store, model_name: str) -> Response:
 
 @router.post("/v1/models/{model_name}:predict")
 async def predict(request: Request, store: Store, model_name: str) -> Response:
+    # Documented here for OpenAPI; requests are answered by service.fastpath.
+    return await predict_response(request, store, model_name)
+
+
+async def predict_response(request: Request, store: ModelStore, model_name: str) -> Response:
+    """One V1 prediction; errors raise NormserveError."""
     served = store.get(model_name)
     payload = codec.decode_json_body(await read_body(request))
     codec.check_depth(payload, store.settings.max_json_depth)

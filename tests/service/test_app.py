@@ -258,9 +258,14 @@ def test_inference_fast_path_keeps_the_routes_contract(repository: Path) -> None
         assert unknown.status_code == 404 and "nothing" in unknown.json()["error"]
         assert client.get("/v2/models/tiny/infer").status_code == 405
         assert client.post("/v2/models/tiny/infer/extra", content=_v2(x)).status_code == 404
+        v1 = client.post("/v1/models/tiny:predict", json={"instances": x.tolist()})
+        assert v1.status_code == 200 and len(v1.json()["predictions"]) == 2
+        assert client.post("/v1/models/nothing:predict", json={"instances": []}).status_code == 404
         paths = client.get("/openapi.json").json()["paths"]
+        assert "/v1/models/{model_name}:predict" in paths
         assert "/v2/models/{model_name}/infer" in paths
         assert "/v2/models/{model_name}/versions/{version}/infer" in paths
         text = client.get("/metrics").text
     assert 'normserve_requests_total{model="tiny",protocol="v2",status="200"} 1.0' in text
     assert 'normserve_requests_total{model="tiny",protocol="v2",status="404"} 1.0' in text
+    assert 'normserve_requests_total{model="tiny",protocol="v1",status="200"} 1.0' in text
