@@ -146,23 +146,6 @@ def tree_bytes(root: Path) -> int:
     return total
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc's children lists), nearest first."""
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        current = frontier.pop(0)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                children = (task / "children").read_text().split()
-            except OSError:
-                continue
-            for child in map(int, children):
-                found.append(child)
-                frontier.append(child)
-    return found
-
-
 def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]

@@ -27,6 +27,8 @@ import pytest
 import tritonclient.http as httpclient
 from servers import free_port
 
+from benchmarks.procs import descendants
+
 ROOT = Path(__file__).resolve().parents[2]
 TAG = "localhost/normserve:test"
 USER = "10001:10001"
@@ -125,7 +127,7 @@ class Container:
 
     def server_pid(self) -> int:
         """The server process inside the container (a child of buildah's chroot helpers)."""
-        for pid in oci.descendants(self.process.pid):
+        for pid in descendants(self.process.pid):
             if oci.cmdline(pid)[-2:] == ["-m", "service"] and "python" in oci.cmdline(pid)[0]:
                 return pid
         raise AssertionError(f"no server process below buildah run:\n{self.log_text()}")
@@ -152,7 +154,7 @@ def container(image: BuiltImage, tmp_path: Path) -> Iterator[Container]:
         yield running
     finally:
         if process.poll() is None:  # stop what this fixture started, by its PID
-            for pid in reversed(oci.descendants(process.pid)):
+            for pid in reversed(descendants(process.pid)):
                 os.kill(pid, signal.SIGKILL)
             process.wait(timeout=30)
         oci.buildah("rm", name, check=False)
