@@ -10,13 +10,12 @@ else (not the server, not wrk, not this process): a point where others used more
 from __future__ import annotations
 
 import resource
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.engines import CLOCK_TICKS, NOISY_CORES, busy_ticks, own_ticks
+from benchmarks.engines import CLOCK_TICKS, Sample, busy_ticks, own_ticks, quiet_median
 from benchmarks.serving import Body
 from benchmarks.wrk import WrkResult, process_cpu_seconds, run_wrk
 
@@ -43,7 +42,7 @@ class Point:
 
     @property
     def noisy(self) -> bool:
-        return self.other_cores > NOISY_CORES
+        return Sample(0.0, self.other_cores).noisy
 
 
 @dataclass
@@ -52,9 +51,9 @@ class Series:
     points: dict[int, list[Point]] = field(default_factory=dict)  # concurrency -> rounds
 
     def median(self, concurrency: int, metric: Callable[[Point], float]) -> float:
+        """The engines' rule: the median of the quiet rounds, or of all if none was quiet."""
         rounds = self.points.get(concurrency, [])
-        quiet = [metric(p) for p in rounds if not p.noisy] or [metric(p) for p in rounds]
-        return statistics.median(quiet) if quiet else float("nan")
+        return quiet_median([Sample(metric(p), p.other_cores) for p in rounds])
 
     def summary(self) -> list[dict[str, object]]:
         rows = []
