@@ -4,6 +4,7 @@
     python -m export onnx --model pkg.module:factory --input-shape 3,32,32 --name NAME
                           [--checkpoint FILE] [--repository DIR] [--opset 18] ...
     python -m export behavior [--out DIR] [--checkpoints DIR] [--no-docs-plot]
+    python -m export quantize --model NAME [--name NEW_NAME] [--max-accuracy-drop 0.5]
 
 Errors the user can fix are printed as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -25,6 +26,7 @@ from export.build import DEFAULT_CHECKPOINTS, DEFAULT_REPOSITORY, build_reposito
 from export.checkpoint import CheckpointError, load_into
 from export.fold import FoldError
 from export.publish import DEFAULT_MAX_BATCH, publish
+from export.quantize import DEFAULT_MAX_DROP_POINTS, quantize_published
 from export.to_onnx import DEFAULT_OPSET, ExportError, export_onnx
 from service.errors import RepositoryError
 
@@ -86,6 +88,20 @@ def _parser() -> argparse.ArgumentParser:
         "--epochs", type=int, default=CURVE_EPOCHS, help="epochs per run, training curves"
     )
     behavior.set_defaults(run=_behavior)
+
+    quantize = sub.add_parser(
+        "quantize", help="publish an int8 copy of a digits model, if it keeps its accuracy"
+    )
+    quantize.add_argument("--model", required=True, help="fp32 model in the repository")
+    quantize.add_argument("--name", help="name of the int8 model (default: MODEL_int8)")
+    quantize.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    quantize.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        default=DEFAULT_MAX_DROP_POINTS,
+        help="refuse if test accuracy falls by more points than this",
+    )
+    quantize.set_defaults(run=_quantize)
     return parser
 
 
@@ -141,6 +157,15 @@ def _behavior(args: argparse.Namespace) -> int:
         epochs=args.epochs,
     )
     print(f"behaviour report: {args.out / 'report.md'}")
+    return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    config, report = quantize_published(
+        args.repository, args.model, new_name=args.name, max_drop_points=args.max_accuracy_drop
+    )
+    print(report.summary())
+    print(f"{args.repository / config.name} version {config.latest.version}")
     return 0
 
 

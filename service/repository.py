@@ -94,6 +94,10 @@ class ModelVersion(_Strict):
     parity_bound: float
     # Quality measured at export, e.g. {"test_accuracy": 0.99} on the held-out split.
     metrics: dict[str, float] = {}
+    # Arithmetic of the weights and activations. For "int8" (``python -m export quantize``)
+    # the parity fields compare with the fp32 model it was made from, and ``metrics`` holds
+    # the accuracy gate it passed (fp32 and int8 test accuracy, top-1 agreement).
+    precision: Literal["fp32", "int8"] = "fp32"
 
 
 class ModelConfig(_Strict):
@@ -109,6 +113,13 @@ class ModelConfig(_Strict):
     labels: list[str] | None = None
     batching: Batching = Batching()
     runtime: RuntimeOptions = RuntimeOptions()
+    # True when one row's output depends on the other rows of its batch (e.g. BatchNorm with
+    # batch statistics). Such a model answers correctly only for the batch a client sends, so
+    # each request must be its own batch: the service never merges its requests with others.
+    batch_dependent: bool = False
+    # The model whose trained weights this one reuses (digits_cnn_batchstats: digits_cnn), so
+    # that a client can put the two side by side without knowing naming conventions.
+    derived_from: ModelName | None = None
     versions: list[ModelVersion] = []
 
     @model_validator(mode="after")
@@ -214,7 +225,7 @@ def verified_file(root: Path, config: ModelConfig, version: ModelVersion) -> Pat
     return path
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     # Write then rename: a reader never sees a half-written config or model.
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -274,7 +285,7 @@ def install_model(
     merged = config.model_copy(update={"versions": sorted(versions, key=lambda v: v.version)})
     # Validate the merged result (model_copy does not) before it reaches the disk.
     merged = ModelConfig.model_validate(merged.model_dump())
-    _atomic_write(target_dir / CONFIG_FILE, merged.model_dump_json(indent=2).encode() + b"\n")
+    atomic_write(target_dir / CONFIG_FILE, merged.model_dump_json(indent=2).encode() + b"\n")
     return merged
 
 
