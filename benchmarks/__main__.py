@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "bn_folded": e.report.bn_folded,
             "nodes_before": e.report.nodes_before,
             "nodes_after": e.report.nodes_after,
+            "int8": _int8_summary(e),
         }
         for n, e in exported.items()
     }
@@ -165,6 +166,21 @@ def cold_starts(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rss.append(tree_rss_bytes(server.pid))
     log(f"cold start to first inference (default models): {[round(t, 3) for t in times]} s")
     return {"normserve_first_inference_s": times, "normserve_rss_bytes": rss}
+
+
+def _int8_summary(model: Exported) -> dict[str, Any]:
+    """The export tool's int8 gate as measured: accuracy for digits, agreement otherwise."""
+    r = model.int8_report
+    if r is None:
+        return {"refused": model.int8_refused}
+    return {
+        "samples": r.samples,
+        "fp32_accuracy": r.fp32_accuracy,
+        "int8_accuracy": r.int8_accuracy,
+        "top1_agreement": r.agreement,
+        "max_abs_error": r.max_abs_error,
+        "quantized_weights": r.quantized_weights,
+    }
 
 
 def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dict[str, Any]:

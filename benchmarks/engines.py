@@ -103,10 +103,20 @@ def engines_for(model: Exported, threads: int) -> list[Engine]:
             lambda: _ort_runner(model.folded, ort_session_options(threads, "all")),
         ),
     ]
+    if model.int8 is not None:
+        int8 = model.int8
+        served = ort_session_options(threads, "all")
+        engines.append(Engine("ort int8 as served", threads, lambda: _ort_runner(int8, served)))
     if openvino_available():
         engines.append(
             Engine("openvino fp32", threads, lambda: _openvino_runner(model.folded, threads, "f32"))
         )
+        if model.int8 is not None:
+            int8 = model.int8
+            # The same QDQ file: OpenVINO turns its Quantize/Dequantize pairs into int8 kernels.
+            engines.append(
+                Engine("openvino int8", threads, lambda: _openvino_runner(int8, threads, "f32"))
+            )
     return engines
 
 

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from export.quantize import QuantizationError, QuantizeReport
 from export.to_onnx import ExportReport
 from models.transformer import PreNormBlock
 
@@ -44,6 +46,10 @@ class Exported:
     folded: Path  # what the export tool writes: BatchNorm folded into the conv weights
     unfolded: Path  # the same eval-mode model exported with its BatchNormalization nodes
     report: ExportReport  # the export tool's evidence: parity, nodes, BN folded
+    # The export tool's int8 copy of ``folded`` and its gate, or why there is none.
+    int8: Path | None = None
+    int8_report: QuantizeReport | None = None
+    int8_refused: str = ""
 
     @property
     def parity_max_abs(self) -> float:
@@ -157,4 +163,34 @@ def export_model(spec: BenchModel, workdir: Path, checkpoints: Path) -> Exported
         unfolded_path=unfolded,
         source=f"benchmarks: {spec.description}",
     )
-    return Exported(spec, model, folded, unfolded, report)
+    exported = Exported(spec, model, folded, unfolded, report)
+    return quantize_model(exported, workdir)
+
+
+def quantize_model(model: Exported, workdir: Path) -> Exported:
+    """Add the export tool's int8 copy: gated on digits accuracy for the digits CNN, on top-1
+    agreement with fp32 over random inputs for the random-weight models (no labels exist)."""
+    from dataclasses import replace
+
+    from export.quantize import quantize_file
+
+    shape = model.spec.input_shape
+    labels = None
+    if model.spec.name == "digits_cnn":
+        from models.data import load_digits_split
+
+        digits = load_digits_split()
+        calibration = digits.train.images.numpy().reshape(-1, *shape)
+        evaluation = digits.test.images.numpy().reshape(-1, *shape)
+        labels = digits.test.labels.numpy()
+    else:
+        rng = np.random.default_rng(SEED)
+        # The benchmark's inputs are uniform in [0, 1): calibrate on the same distribution.
+        calibration = rng.random((256, *shape), dtype=np.float32)
+        evaluation = rng.random((512, *shape), dtype=np.float32)
+    target = workdir / f"{model.spec.name}.int8.onnx"
+    try:
+        report = quantize_file(model.folded, target, calibration, evaluation, labels)
+    except QuantizationError as exc:
+        return replace(model, int8_refused=str(exc))
+    return replace(model, int8=target, int8_report=report)

@@ -113,8 +113,7 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 for r in rows
                 if r["threads"] == threads
                 and r["engine"] != SERVED
-                and "fp32" in r["engine"] + " fp32"
-                and not r["engine"].endswith(("bf16", "int8"))
+                and not any(p in r["engine"] for p in ("int8", "bf16", "fp16"))
             ]
             served_value = _engine(report, model, SERVED, threads).get(metric, math.nan)
             if not candidates:
@@ -134,6 +133,7 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                     f"{served_value:.4g} vs {best['engine']} {best[metric]:.4g}",
                 )
             )
+    goals.extend(_reduced_precision_goals(report, threads))
     cold = report.get("cold_start", {})
     if cold.get("normserve_first_inference_s"):
         median = statistics.median(cold["normserve_first_inference_s"])
@@ -158,6 +158,40 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"MLServer: {peer_rss / MIB:.0f} MiB",
             )
         )
+    return goals
+
+
+def _reduced_precision_goals(report: dict[str, Any], threads: int) -> list[dict[str, Any]]:
+    """Each int8 engine's batch-32 throughput over the served fp32 engine's, with the gate."""
+    goals = []
+    for model, rows in report.get("engines", {}).items():
+        fp32 = _engine(report, model, SERVED, threads).get("samples_per_s_b32", math.nan)
+        gate = report.get("models", {}).get(model, {}).get("int8", {})
+        if "refused" in gate:
+            goals.append(_goal(f"{model}: int8", math.nan, ">= 1.5x", False, gate["refused"]))
+            continue
+        quality = (
+            f"accuracy {gate['fp32_accuracy']:.4f} fp32 -> {gate['int8_accuracy']:.4f} int8"
+            if gate.get("fp32_accuracy") is not None
+            else f"top-1 agreement with fp32 {gate.get('top1_agreement', math.nan):.4f}"
+        )
+        drop_ok = (
+            gate.get("fp32_accuracy") is None
+            or 100 * (gate["fp32_accuracy"] - gate["int8_accuracy"]) <= 0.5
+        )
+        for row in rows:
+            if row["threads"] != threads or "int8" not in row["engine"]:
+                continue
+            ratio = row["samples_per_s_b32"] / fp32
+            goals.append(
+                _goal(
+                    f"{model}: {row['engine']} b32 vs served fp32",
+                    ratio,
+                    ">= 1.5, accuracy within 0.5 points",
+                    ratio >= 1.5 and drop_ok,
+                    f"{row['samples_per_s_b32']:.0f} vs {fp32:.0f} samples/s; {quality}",
+                )
+            )
     return goals
 
 

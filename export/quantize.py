@@ -18,6 +18,8 @@ Choices, measured on this machine kind (AMD EPYC, AVX2, no VNNI):
   0.10 (agreement 100%) with it. On VNNI CPUs it costs a bit of precision and nothing else.
 - Activations are uint8 with min/max calibration: percentile calibration gave the same
   accuracy on every default model.
+- Convolutions with short dot products (the first layer over 1 or 3 channels) stay fp32:
+  see ``_short_reductions``.
 - QDQ format (QuantizeLinear/DequantizeLinear around float operators): any ONNX runtime can
   read it, onnxruntime fuses it into QLinearConv/QGemm, and OpenVINO runs it as int8 too.
 """
@@ -51,6 +53,7 @@ MIN_AGREEMENT = 0.99
 RELATIVE_LOGIT_BOUND = 0.15
 CHUNK = 64  # rows per calibration/evaluation run: the repository's default max batch
 SUFFIX = "_int8"
+MIN_REDUCTION = 64  # see _short_reductions
 
 
 class QuantizationError(ExportError):
@@ -134,6 +137,7 @@ def quantize_file(
             per_channel=True,
             reduce_range=True,
             calibrate_method=CalibrationMethod.MinMax,
+            nodes_to_exclude=_short_reductions(onnx.load(str(prepared))),
         )
     quantized = onnx.load(str(dst))
     try:
@@ -285,6 +289,25 @@ def _predict(path: Path, inputs: np.ndarray) -> np.ndarray:
 
 def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logits.argmax(1) == labels))
+
+
+def _short_reductions(model: onnx.ModelProto) -> list[str]:
+    """Convolutions whose dot products are shorter than ``MIN_REDUCTION``: left in fp32.
+
+    An int8 GEMM earns its speed over long dot products; a first convolution over 1 or 3
+    input channels (3x3: 9 or 27 terms) gains nothing and pays for quantizing the largest
+    activation of the network. Measured on the CIFAR CNN: that layer took 1.18 ms in int8
+    vs 0.79 ms in fp32 per batch of 32, and leaving it fp32 raised the whole model's int8
+    speed-up from 1.29x to 1.44x (2 threads).
+    """
+    weights = {t.name: list(t.dims) for t in model.graph.initializer}
+    short = []
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights:
+            dims = weights[node.input[1]]
+            if int(np.prod(dims[1:])) < MIN_REDUCTION:
+                short.append(node.name)
+    return short
 
 
 def _int8_weights(model: onnx.ModelProto) -> int:

@@ -55,6 +55,11 @@ def test_int8_cnn_is_published_with_its_evidence_and_served(repository: Path) ->
     proto = onnx.load(str(verified_file(repository, config, version)))
     assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
     assert {p.key: p.value for p in proto.metadata_props}["normserve.precision"] == "int8"
+    # The first convolution (1 channel, 9-term dot products) stays fp32, the others do not.
+    floats = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert [n.input[0] for n in convs if n.input[1] in floats] == ["image"]
+    assert sum(n.input[1] not in floats for n in convs) == 2
     int8, reference = _served(repository, "digits_cnn_int8"), _served(repository, "digits_cnn")
     test = load_digits_split().test
     images = test.images.numpy().reshape(-1, 1, 8, 8)[:64]
