@@ -5,6 +5,7 @@
                           [--checkpoint FILE] [--repository DIR] [--opset 18] ...
     python -m export behavior [--out DIR] [--checkpoints DIR] [--no-docs-plot]
     python -m export quantize --model NAME [--name NEW_NAME] [--max-accuracy-drop 0.5]
+    python -m export tune --model NAME [--threads N] [--rounds 5] [--dry-run]
 
 Errors the user can fix are printed as one ``error:`` line (exit status 2), not a traceback.
 """
@@ -28,6 +29,7 @@ from export.fold import FoldError
 from export.publish import DEFAULT_MAX_BATCH, publish
 from export.quantize import DEFAULT_MAX_DROP_POINTS, quantize_published
 from export.to_onnx import DEFAULT_OPSET, ExportError, export_onnx
+from export.tune import tune
 from service.errors import RepositoryError
 
 USER_ERRORS = (ExportError, FoldError, CheckpointError, RepositoryError, ValueError, ImportError)
@@ -102,6 +104,16 @@ def _parser() -> argparse.ArgumentParser:
         help="refuse if test accuracy falls by more points than this",
     )
     quantize.set_defaults(run=_quantize)
+
+    tuning = sub.add_parser(
+        "tune", help="time each engine and optimization level on a model; record the fastest"
+    )
+    tuning.add_argument("--model", required=True, help="model in the repository")
+    tuning.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    tuning.add_argument("--threads", type=int, help="intra-op threads (default: this CPU budget)")
+    tuning.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    tuning.add_argument("--dry-run", action="store_true", help="measure, do not write config")
+    tuning.set_defaults(run=_tune)
     return parser
 
 
@@ -166,6 +178,23 @@ def _quantize(args: argparse.Namespace) -> int:
     )
     print(report.summary())
     print(f"{args.repository / config.name} version {config.latest.version}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    if args.rounds < 1 or (args.threads is not None and args.threads < 1):
+        raise ValueError("--rounds and --threads must be at least 1")
+    result = tune(
+        args.repository,
+        args.model,
+        threads=args.threads,
+        rounds=args.rounds,
+        write=not args.dry_run,
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    print(result.table())
+    if not args.dry_run:
+        print(f"recorded in {args.repository / args.model / 'config.json'}")
     return 0
 
 

@@ -7,10 +7,12 @@ onnxruntime exception string.
 
 from __future__ import annotations
 
+import queue
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -38,6 +40,7 @@ _DATATYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 class SessionOptions:
     intra_op_threads: int
     graph_optimization_level: str = "all"
+    engine: str = "onnxruntime"
 
 
 def ort_session_options(threads: int, level: str = "all") -> ort.SessionOptions:
@@ -56,8 +59,88 @@ def ort_session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     return so
 
 
+class _Engine(Protocol):
+    """What runs one ONNX file: names in file order, and a thread-safe ``run``."""
+
+    platform: str
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class OnnxRuntimeEngine:
+    platform = "onnxruntime_onnx"
+
+    def __init__(self, path: Path, threads: int, level: str) -> None:
+        options = ort_session_options(threads, level)
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        results: list[np.ndarray] = self.session.run(outputs, feeds)
+        return results
+
+
+class OpenVinoEngine:
+    """OpenVINO's CPU plugin on the same ONNX file (the optional ``openvino`` extra).
+
+    An infer request is not thread-safe, so each ``run`` borrows one from a pool (one per
+    concurrent caller; the batcher runs one batch at a time, so usually exactly one).
+    """
+
+    platform = "openvino_onnx"
+
+    def __init__(self, path: Path, threads: int) -> None:
+        try:
+            import openvino
+        except ImportError as exc:
+            raise EngineMissing(
+                "its config asks for the OpenVINO engine, which is not installed "
+                "(pip install 'normserve[openvino]')"
+            ) from exc
+        self.compiled = openvino.Core().compile_model(
+            str(path),
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                # f32 exactly: on CPUs with bf16 units OpenVINO would otherwise compute in
+                # bf16, and the numbers would no longer be the ones checked at export.
+                "INFERENCE_PRECISION_HINT": "f32",
+                "PERFORMANCE_HINT": "LATENCY",
+                "NUM_STREAMS": 1,
+            },
+        )
+        self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+        self.output_names = [port.get_any_name() for port in self.compiled.outputs]
+        self._idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            request = self._idle.get_nowait()
+        except queue.Empty:
+            request = self.compiled.create_infer_request()
+        try:
+            # Outputs are copied (share_outputs=False): the request reuses its buffers.
+            result = request.infer(feeds, share_inputs=True, share_outputs=False)
+            return [np.asarray(result[name]) for name in outputs]
+        finally:
+            self._idle.put(request)
+
+
+class EngineMissing(RuntimeError):
+    """The engine a model's config names is not installed."""
+
+
+def _engine(path: Path, threads: int, level: str, engine: str) -> _Engine:
+    if engine == "openvino":
+        return OpenVinoEngine(path, threads)
+    return OnnxRuntimeEngine(path, threads, level)
+
+
 class OnnxModel:
-    """A loaded model version. ``run`` is thread-safe (onnxruntime sessions are)."""
+    """A loaded model version. ``run`` is thread-safe (both engines' runs are)."""
 
     def __init__(
         self, config: ModelConfig, version: ModelVersion, path: Path, options: SessionOptions
@@ -69,24 +152,30 @@ class OnnxModel:
         self.outputs = config.outputs
         threads = config.runtime.intra_op_threads or options.intra_op_threads
         level = config.runtime.graph_optimization_level or options.graph_optimization_level
-        so = ort_session_options(threads, level)
+        engine = config.runtime.engine or options.engine
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types
+            self.engine = _engine(path, threads, level, engine)
+        except EngineMissing as exc:
+            raise RepositoryError(f"model '{self.name}': {exc}") from exc
+        except Exception as exc:  # each engine raises its own exception types
             raise RepositoryError(
-                f"model '{self.name}' version {version.version}: onnxruntime cannot load "
+                f"model '{self.name}' version {version.version}: {engine} cannot load "
                 f"{path.name}: {_load_failure(str(exc))}"
             ) from exc
         self._check_signature()
         self.threads = threads
 
+    @property
+    def platform(self) -> str:
+        return self.engine.platform
+
     def _check_signature(self) -> None:
         """The file must have the inputs and outputs config.json promises."""
         for kind, specs, actual in (
-            ("input", self.inputs, self.session.get_inputs()),
-            ("output", self.outputs, self.session.get_outputs()),
+            ("input", self.inputs, self.engine.input_names),
+            ("output", self.outputs, self.engine.output_names),
         ):
-            found = {a.name for a in actual}
+            found = set(actual)
             missing = [s.name for s in specs if s.name not in found]
             if missing:
                 raise RepositoryError(
@@ -125,7 +214,7 @@ class OnnxModel:
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All outputs for already validated inputs."""
         names = [s.name for s in self.outputs]
-        results = self.session.run(names, dict(inputs))
+        results = self.engine.run(names, dict(inputs))
         return dict(zip(names, results, strict=True))
 
     def warmup(self) -> float:

@@ -110,7 +110,7 @@ def _metadata(served: Served) -> dict[str, Any]:
     return {
         "name": config.name,
         "versions": [served.version],
-        "platform": config.platform,
+        "platform": served.model.platform,
         "inputs": [s.model_dump() for s in config.inputs],
         "outputs": [s.model_dump() for s in config.outputs],
         "parameters": {
@@ -194,8 +194,8 @@ async def model_config(store: Store, model_name: str, version: str | None = None
     return json_response(
         {
             "name": config.name,
-            "platform": "onnxruntime_onnx",
-            "backend": "onnxruntime",
+            "platform": served.model.platform,
+            "backend": served.model.platform.removesuffix("_onnx"),
             "max_batch_size": served.batcher.max_batch_size,
             "input": [triton_tensor(s) for s in config.inputs],
             "output": [triton_tensor(s) for s in config.outputs],
