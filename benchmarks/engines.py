@@ -28,6 +28,7 @@ from service.runtime import ort_session_options
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Other processes using more than this many cores during a measurement make it noisy.
 NOISY_CORES = 0.25
+SERVED = "as served"
 
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -83,6 +84,23 @@ def _openvino_runner(path: Path, threads: int, precision: str) -> Runner:
     return run
 
 
+def _served_runner(model: Exported, threads: int) -> Runner:
+    from service.repository import read_config, verified_file
+    from service.runtime import OnnxModel, SessionOptions
+
+    if model.repository is None:
+        raise ValueError(f"{model.spec.name}: no repository entry to serve from")
+    config = read_config(model.repository / model.spec.name / "config.json")
+    path = verified_file(model.repository, config, config.latest)
+    served = OnnxModel(config, config.latest, path, SessionOptions(intra_op_threads=threads))
+    input_name, output_name = config.inputs[0].name, config.outputs[0].name
+
+    def run(x: np.ndarray) -> np.ndarray:
+        return served.run({input_name: x})[output_name]
+
+    return run
+
+
 def openvino_available() -> bool:
     try:
         import openvino  # noqa: F401
@@ -98,15 +116,18 @@ def engines_for(model: Exported, threads: int) -> list[Engine]:
         Engine("ort unfolded, opt off", threads, lambda: _ort_runner(model.unfolded, disabled)),
         Engine("ort folded, opt off", threads, lambda: _ort_runner(model.folded, disabled)),
         Engine(
-            "ort as served",
+            "ort opt all",
             threads,
             lambda: _ort_runner(model.folded, ort_session_options(threads, "all")),
         ),
+        # Exactly what the service runs: its own OnnxModel on the repository entry that
+        # `python -m export tune` configured (engine and optimization level chosen by data).
+        Engine(SERVED, threads, lambda: _served_runner(model, threads)),
     ]
     if model.int8 is not None:
         int8 = model.int8
-        served = ort_session_options(threads, "all")
-        engines.append(Engine("ort int8 as served", threads, lambda: _ort_runner(int8, served)))
+        all_on = ort_session_options(threads, "all")
+        engines.append(Engine("ort int8", threads, lambda: _ort_runner(int8, all_on)))
     if openvino_available():
         engines.append(
             Engine("openvino fp32", threads, lambda: _openvino_runner(model.folded, threads, "f32"))

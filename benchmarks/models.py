@@ -50,6 +50,10 @@ class Exported:
     int8: Path | None = None
     int8_report: QuantizeReport | None = None
     int8_refused: str = ""
+    # A repository holding ``folded`` as the service serves it, runtime options tuned.
+    repository: Path | None = None
+    served_runtime: str = ""  # what `python -m export tune` chose, in words
+    served_same_as: str = ""  # the engine row that runs exactly the same configuration
 
     @property
     def parity_max_abs(self) -> float:

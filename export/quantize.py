@@ -250,7 +250,7 @@ def quantize_published(
 def _gate(report: QuantizeReport, max_drop_points: float) -> None:
     if report.fp32_accuracy is not None and report.int8_accuracy is not None:
         drop = 100.0 * (report.fp32_accuracy - report.int8_accuracy)
-        if drop > max_drop_points:
+        if drop > max_drop_points + 1e-9:  # accuracies are ratios: no float-rounding refusals
             raise QuantizationError(
                 f"int8 top-1 accuracy {report.int8_accuracy:.4f} is {drop:.2f} points below "
                 f"fp32 {report.fp32_accuracy:.4f} (allowed {max_drop_points} points); "
