@@ -39,8 +39,9 @@ async def predict(request: Request, store: Store, model_name: str) -> Response:
 async def predict_response(request: Request, store: ModelStore, model_name: str) -> Response:
     """One V1 prediction; errors raise NormserveError."""
     served = store.get(model_name)
-    payload = codec.decode_json_body(await read_body(request))
-    codec.check_depth(payload, store.settings.max_json_depth)
+    body = await read_body(request)
+    payload = codec.decode_json_body(body)
+    codec.check_depth(payload, store.settings.max_json_depth, body)
     outputs = await until_disconnected(
         request, store.infer(served, decode_v1(payload, served.config), None)
     )

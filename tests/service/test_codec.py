@@ -792,3 +792,26 @@ def test_an_object_hidden_after_numbers_in_tensor_data_is_refused() -> None:
     )
     with pytest.raises(InvalidInput):
         codec.decode_infer_request(body, None)
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary-header"])
+def test_depth_limit_holds_whether_or_not_the_bracket_count_settles_it(binary: bool) -> None:
+    """Counting brackets settles shallow requests without a walk; a request one level too
+    deep still has more brackets than the limit, so the walk runs and refuses it."""
+    limits = codec.Limits(max_depth=5)
+
+    def request(depth: int) -> tuple[bytes, int | None]:
+        value: Any = 1
+        for _ in range(depth - 3):  # the object, "inputs" and the entry are three levels
+            value = {"k": value}
+        tensor = {"name": "x", "datatype": "FP32", "shape": [1], "parameters": {"p": value}}
+        document = orjson.dumps({"inputs": [tensor]})
+        if not binary:
+            return document, None
+        return document + np.float32(1).tobytes(), len(document)
+
+    # Brackets inside strings only add to the count: a shallow request full of them is fine.
+    shallow = {"inputs": [{"name": "[[[{{{", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    codec.decode_infer_request(orjson.dumps(shallow), None, limits)
+    with pytest.raises(InvalidInput, match="nested deeper than 5"):
+        codec.decode_infer_request(*request(7), limits)
