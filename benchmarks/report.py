@@ -148,6 +148,17 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{len(cold['normserve_first_inference_s'])} starts",
             )
         )
+    if cold.get("normserve_rss_bytes"):
+        rss = statistics.median(cold["normserve_rss_bytes"]) / MIB
+        goals.append(
+            _goal(
+                "RSS, default models, after the first inference (median)",
+                rss,
+                "< 120 MiB",
+                rss < 120,
+                f"{len(cold['normserve_rss_bytes'])} starts",
+            )
+        )
     for model, http in report.get("http", {}).items():
         rss = http.get("rss_after_load_bytes", {}).get("normserve", math.nan) / MIB
         peer_rss = http.get("rss_after_load_bytes", {}).get("mlserver", math.nan)
