@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from export.build import DEFAULT_CHECKPOINTS, trained_model
 from models import REGISTRY
 from models.data import load_digits_split
 from models.train import evaluate, shape_for
+from service.webdata import REPORT_HEADLINE
 
 DEFAULT_OUT = Path("reports/behavior")
 DOCS_PLOT = Path("docs/behavior.png")
@@ -64,8 +66,9 @@ def run_behavior(
     seeds: int = CURVE_SEEDS,
     epochs: int = CURVE_EPOCHS,
 ) -> dict[str, Any]:
-    """Measure, then write report.json, the PNGs and report.md into ``out_dir`` (and the
-    headline PNG to ``docs_plot`` unless None). Returns the report dict."""
+    """Measure, then write report.json, the PNGs (the headline as ``REPORT_HEADLINE``) and
+    report.md into ``out_dir``, and copy the headline PNG to ``docs_plot`` unless None.
+    Returns the report dict."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     data = load_digits_split()
@@ -137,8 +140,11 @@ def run_behavior(
         "test_samples": len(data.test),
     }
     plots = write_plots(report, out_dir)
+    # The headline also goes beside the other plots: the web page serves it from there.
+    write_headline(report, out_dir / REPORT_HEADLINE)
     if docs_plot is not None:
-        write_headline(report, docs_plot)
+        docs_plot.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out_dir / REPORT_HEADLINE, docs_plot)
     report["meta"]["plots"] = plots
     report["meta"]["total_seconds"] = time.perf_counter() - started
     # allow_nan=False: a NaN would mean a measurement failed; refuse to write it silently.

@@ -29,6 +29,8 @@ def publish(
     max_batch_size: int = DEFAULT_MAX_BATCH,
     replace: bool = False,
     metrics: Mapping[str, float] | None = None,
+    batch_dependent: bool = False,
+    derived_from: str | None = None,
 ) -> ModelConfig:
     """Install ``report.path`` as ``name`` (version: given, else the next free one)."""
     config = ModelConfig(
@@ -38,6 +40,8 @@ def publish(
         inputs=[_spec(t) for t in report.inputs],
         outputs=[_spec(t) for t in report.outputs],
         labels=list(labels) if labels is not None else None,
+        batch_dependent=batch_dependent,
+        derived_from=derived_from,
     )
     record = ModelVersion(
         version=next_version(repository, name) if version is None else version,

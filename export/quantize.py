@@ -182,6 +182,11 @@ def quantize_published(
     fp32 = config.latest
     if fp32.precision != "fp32":
         raise QuantizationError(f"model '{name}' is already {fp32.precision}")
+    if config.batch_dependent:
+        raise QuantizationError(
+            f"model '{name}' is batch-dependent: its activations' ranges depend on each batch, "
+            "so no fixed int8 calibration fits it"
+        )
     if len(config.inputs) != 1 or config.labels is None:
         raise QuantizationError(
             f"model '{name}': quantize calibrates and checks on the digits data set, so it takes "

@@ -119,12 +119,17 @@ def export_onnx(
     source: str = "",
     metadata: Mapping[str, str] | None = None,
     unfolded_path: str | Path | None = None,
+    parity_reference: nn.Module | None = None,
 ) -> ExportReport:
     """Export ``model`` (any mode; never changed) to one ONNX file at ``path``.
 
     ``example_input`` holds batched example tensors (axis 0 is the batch axis, exported as
     dynamic). ``samples`` are real inputs added to the parity check. Raises ``ExportError``
     subclasses when the result would not be the eval-mode model's function.
+
+    ``parity_reference``: the module whose outputs the file must match, when that is not
+    ``model`` in eval mode (export.batchstats holds its explicit graph against torch's own
+    training-mode BatchNorm); called as given, under ``no_grad``.
     """
     path = Path(path)
     args = example_input if isinstance(example_input, tuple) else (example_input,)
@@ -139,6 +144,7 @@ def export_onnx(
     if len(input_names) != len(args):
         raise ExportError(f"{len(input_names)} input names for {len(args)} inputs")
     reference = copy.deepcopy(model).eval()
+    parity_against = reference if parity_reference is None else parity_reference
     folded, fold_report = fold_batchnorm_with_report(model, args)
     _refuse_batch_dependent(fold_report, folded)
     # Export at batch 2: torch.export specializes a size-1 axis to a constant.
@@ -179,7 +185,7 @@ def export_onnx(
     with tempfile.TemporaryDirectory() as tmp:
         candidate = Path(tmp) / "model.onnx"
         _save(proto, candidate, meta)
-        error, bound = _parity(reference, candidate, args, samples, batches, parity_rtol)
+        error, bound = _parity(parity_against, candidate, args, samples, batches, parity_rtol)
         meta["normserve.parity_max_abs_error"] = f"{error:.3e}"
         _save(proto, path, meta)
     return ExportReport(

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import v1, v2
+from service import ui, v1, v2
 from service.errors import (
     ClientDisconnected,
     DeadlineExceeded,
@@ -32,11 +32,13 @@ from service.errors import (
     NormserveError,
     Overloaded,
     PayloadTooLarge,
+    ResourceNotFound,
 )
 from service.fastpath import InferFastPath
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
+from service.webdata import SamplesFile
 
 log = logging.getLogger("normserve")
 access_log = logging.getLogger("normserve.access")
@@ -45,6 +47,7 @@ access_log = logging.getLogger("normserve.access")
 STATUS: list[tuple[type[NormserveError], int]] = [
     (InvalidInput, 400),
     (ModelNotFound, 404),
+    (ResourceNotFound, 404),
     (PayloadTooLarge, 413),
     (Overloaded, 503),
     (ModelNotReady, 503),
@@ -106,6 +109,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.metrics = metrics
     app.include_router(v2.router)
     app.include_router(v1.router)
+    # The web page: its files are read now, once; the samples file whenever it changes.
+    app.state.page_files = ui.load_page_files()
+    app.state.samples = SamplesFile(settings.repository)
+    app.include_router(ui.router)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:

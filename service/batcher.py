@@ -11,6 +11,9 @@ loop thread itself: handing it to a worker thread and back cost about 1 ms on a 
 three times the inference. Anything batched, or slow, runs in a worker thread so the loop
 keeps reading requests meanwhile.
 
+A batch-dependent model (``merge=False``) never has requests merged: each runs alone, as
+the batch its client sent, since another request's rows would change its answer.
+
 The queue is bounded: a full queue raises ``Overloaded`` at once instead of queueing work
 that would time out anyway. Requests whose deadline passed, or whose caller went away, are
 dropped before they reach onnxruntime.
@@ -72,9 +75,12 @@ class Batcher:
         max_queue_delay_s: float,
         max_queue_size: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        merge: bool = True,
     ) -> None:
         self.model = model
         self.max_batch_size = max_batch_size
+        # False for batch-dependent models: a request's rows are its batch, nothing is added.
+        self.merge = merge
         self.max_queue_delay_s = max_queue_delay_s
         self.max_queue_size = max_queue_size
         self._on_batch = on_batch
@@ -139,6 +145,8 @@ class Batcher:
     async def _collect(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
         """``first`` plus what fits from the queue; the item that did not fit is carried."""
         assert self._queue is not None
+        if not self.merge:
+            return [first], None
         batch, rows = [first], first.rows
         until = time.perf_counter() + self.max_queue_delay_s
         while rows < self.max_batch_size:

@@ -23,6 +23,10 @@ class ModelNotFound(NormserveError):
     """No such model or version in the repository (HTTP 404)."""
 
 
+class ResourceNotFound(NormserveError):
+    """No such page file, data file or report plot (HTTP 404); the message says how to make it."""
+
+
 class ModelNotReady(NormserveError):
     """The model exists but is not loaded or failed to load (HTTP 503)."""
 

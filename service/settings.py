@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     repository: Path = Field(
         Path("model_repository"), description="Model repository directory (written by export)."
     )
+    report_dir: Path = Field(
+        Path("reports/behavior"),
+        description="Behaviour report directory (python -m export behavior) whose headline "
+        "plot the web page shows when it exists.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="TCP port.")
     workers: Annotated[int, Field(ge=1)] = Field(

@@ -79,6 +79,7 @@ class ModelStore:
                     / 1000,
                     max_queue_size=batching.max_queue_size or self.settings.max_queue_size,
                     on_batch=on_batch,
+                    merge=not config.batch_dependent,
                 ),
             )
             log.info(

@@ -116,7 +116,10 @@ def _metadata(served: Served) -> dict[str, Any]:
         "parameters": {
             "description": config.description,
             "max_batch_size": served.batcher.max_batch_size,
+            # Clients must send such a model whole batches: the service never merges them.
+            "batch_dependent": config.batch_dependent,
             **({"labels": config.labels} if config.labels is not None else {}),
+            **({"derived_from": config.derived_from} if config.derived_from else {}),
         },
     }
 
@@ -199,15 +202,23 @@ async def model_config(store: Store, model_name: str, version: str | None = None
             "max_batch_size": served.batcher.max_batch_size,
             "input": [triton_tensor(s) for s in config.inputs],
             "output": [triton_tensor(s) for s in config.outputs],
-            "dynamic_batching": {
-                "max_queue_delay_microseconds": int(served.batcher.max_queue_delay_s * 1e6),
-                "default_queue_policy": {"max_queue_size": served.batcher.max_queue_size},
-            },
+            # Triton's way to say "requests are never merged": no dynamic_batching section.
+            **({} if config.batch_dependent else {"dynamic_batching": _dynamic_batching(served)}),
             "version_policy": {"latest": {"num_versions": 1}},
             "instance_group": [{"kind": "KIND_CPU", "count": 1}],
-            "parameters": {"intra_op_thread_count": {"string_value": str(served.model.threads)}},
+            "parameters": {
+                "intra_op_thread_count": {"string_value": str(served.model.threads)},
+                "batch_dependent": {"string_value": str(config.batch_dependent).lower()},
+            },
         }
     )
+
+
+def _dynamic_batching(served: Served) -> dict[str, Any]:
+    return {
+        "max_queue_delay_microseconds": int(served.batcher.max_queue_delay_s * 1e6),
+        "default_queue_policy": {"max_queue_size": served.batcher.max_queue_size},
+    }
 
 
 @router.post("/v2/repository/index")

@@ -74,3 +74,39 @@ def tiny_repository(root: Path, name: str = "tiny", **config: object) -> Path:
             **config,
         },
     )
+
+
+def centered(x: np.ndarray) -> np.ndarray:
+    """What the batch-dependent tiny model computes: each row minus the batch's mean row."""
+    return x - x.mean(axis=0, keepdims=True)
+
+
+def write_batch_mean_onnx(path: Path) -> Path:
+    """x - mean(x over the batch axis): every row's output depends on the whole batch."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+            helper.make_node("Sub", ["x", "mean"], ["centered"]),
+        ],
+        "batch_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", FEATURES])],
+        [helper.make_tensor_value_info("centered", TensorProto.FLOAT, ["batch", FEATURES])],
+        [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def batch_mean_repository(root: Path, name: str = "centering", **config: object) -> Path:
+    """A repository with one batch-dependent model (``batch_dependent`` as given, else True)."""
+    source = write_batch_mean_onnx(root / f"{name}-source.onnx")
+    spec = [TensorSpec(name="x", datatype="FP32", shape=[-1, FEATURES]).model_dump()]
+    out = [TensorSpec(name="centered", datatype="FP32", shape=[-1, FEATURES]).model_dump()]
+    return install_source(
+        root,
+        source,
+        {"name": name, "inputs": spec, "outputs": out, "batch_dependent": True, **config},
+    )

@@ -28,6 +28,7 @@ from models.cnn import DigitsCNN
 from models.data import load_digits_split
 from models.recurrent import RowLSTM
 from models.transformer import RowTransformer
+from service.webdata import REPORT_HEADLINE
 
 ROOT = Path(__file__).resolve().parents[2]
 SEED = 0
@@ -339,6 +340,8 @@ def test_command_writes_the_whole_report(
         _png_size(out / name)
     after = docs_plot.stat().st_mtime_ns if docs_plot.exists() else None
     assert after == before  # --no-docs-plot honoured
+    # The headline is written beside the other plots anyway: the web page serves it there.
+    assert _png_size(out / REPORT_HEADLINE) == (900, 500)
     headline = tmp_path / "headline.png"
     write_headline(report, headline)
     assert _png_size(headline) == (900, 500)

@@ -92,6 +92,17 @@ def test_int8_models_are_not_quantized_again(repository: Path) -> None:
         quantize_published(repository, "digits_cnn_int8")
 
 
+def test_batch_dependent_models_are_refused(
+    built_repository: tuple[Path, Path, str], tmp_path: Path
+) -> None:
+    shutil.copytree(
+        built_repository[0] / "digits_cnn_batchstats", tmp_path / "digits_cnn_batchstats"
+    )
+    with pytest.raises(QuantizationError, match="batch-dependent"):
+        quantize_published(tmp_path, "digits_cnn_batchstats")
+    assert not (tmp_path / "digits_cnn_batchstats_int8").exists()
+
+
 def test_cli_prints_the_evidence_and_refuses_unknown_models(repository: Path) -> None:
     ok = run_cli_in_process(repository.parent, "quantize", "--model", "digits_cnn",
                             "--repository", str(repository))  # fmt: skip

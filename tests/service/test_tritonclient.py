@@ -199,8 +199,9 @@ def test_model_config(client: httpclient.InferenceServerClient, model: str) -> N
 
 def test_repository_index(client: httpclient.InferenceServerClient) -> None:
     index = client.get_model_repository_index()
+    # The defaults and the batch-statistics demonstration model built beside them.
     assert sorted((e["name"], e.get("version"), e["state"]) for e in index) == sorted(
-        (m, "1", "READY") for m in MODELS
+        (m, "1", "READY") for m in (*MODELS, "digits_cnn_batchstats")
     )
 
 
