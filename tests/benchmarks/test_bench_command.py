@@ -43,8 +43,15 @@ def test_engines_agree_with_torch_and_are_all_measured(smoke_report: dict[str, A
     names = {r["engine"] for r in rows}
     assert {"torch eager", "ort unfolded, opt off", "ort folded, opt off", "ort opt all"} <= names
     assert {"as served", "ort int8"} <= names  # the tuned service engine, the export's int8
+    gate = smoke_report["models"]["cifar_cnn"]["int8"]
+    assert gate["top1_agreement"] >= 0.99 and gate["quantized_weights"] > 0
     for row in rows:
-        assert row["max_abs_vs_torch"] < 1e-4, row  # the folded file computes the same function
+        if "int8" in row["engine"]:
+            # int8 rounds: within the logit error the export tool's gate measured, with room
+            # for other inputs (the gate ran on its own random batch).
+            assert row["max_abs_vs_torch"] < 4 * gate["max_abs_error"], row
+        else:
+            assert row["max_abs_vs_torch"] < 1e-4, row  # the folded file: the same function
         assert row["samples_per_s_b32"] > 0 and row["latency_b1_p50_ms"] > 0
 
 
