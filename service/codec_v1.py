@@ -106,4 +106,7 @@ def _array(spec: TensorSpec, value: Any) -> np.ndarray:
             f"input '{spec.name}': expected {spec.datatype} numbers, got "
             f"{'ragged lists or mixed values' if raw.dtype == object else raw.dtype.kind + ' data'}"
         )
-    return raw.astype(NUMPY_DTYPES[spec.datatype], copy=False)
+    # A number past FP32's range becomes inf, which validation then refuses with the element
+    # named; numpy's overflow warning would only repeat that in the server log.
+    with np.errstate(over="ignore"):
+        return raw.astype(NUMPY_DTYPES[spec.datatype], copy=False)
