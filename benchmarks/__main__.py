@@ -26,6 +26,7 @@ from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
 from benchmarks.serving import bench_repository, bodies, running_normserve
 from benchmarks.wrk import wrk_available
+from service.settings import cpu_budget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -238,6 +239,23 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
             Target("normserve, batching off", off.url, off.pid, wire[f])
             for f in ("v2-json", "v2-binary")
         ]
+        workers = cpu_budget()
+        if workers > 1:
+            # The event loop, not onnxruntime, limits one process under load: N processes
+            # with one onnxruntime thread each, against the default one process × N threads.
+            multi = stack.enter_context(
+                running_normserve(
+                    "normserve-workers",
+                    repository,
+                    wire["v2-binary"],
+                    work,
+                    {"NORMSERVE_WORKERS": str(workers), "NORMSERVE_INTRA_OP_THREADS": "1"},
+                )
+            )
+            targets += [
+                Target(multi_server_name(workers), multi.url, multi.pid, wire[f])
+                for f in ("v2-json", "v2-binary")
+            ]
         result["cold_start_s"] = {"normserve": on.cold_start_s}
         peer = None if args.no_mlserver else start_mlserver(stack, model, args, work, wire)
         if peer is not None:
@@ -249,10 +267,16 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
         )
         series = load_matrix(targets, concurrencies, args.http_rounds, args.duration, work, log)
         result["rss_after_load_bytes"] = {"normserve": tree_rss_bytes(on.pid)}
+        if workers > 1:
+            result["rss_after_load_bytes"][multi_server_name(workers)] = tree_rss_bytes(multi.pid)
         if peer is not None:
             result["rss_after_load_bytes"]["mlserver"] = tree_rss_bytes(peer.pid)
     result["series"] = [row for s in series for row in s.summary()]
     return result
+
+
+def multi_server_name(workers: int) -> str:
+    return f"normserve, {workers} workers × 1 thread"
 
 
 def start_mlserver(
