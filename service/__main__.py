@@ -7,18 +7,23 @@ settings stop the server before it binds, with a message that says what to chang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
 from service.app import create_app
 from service.errors import RepositoryError
+from service.metrics import MULTIPROC_ENV
 from service.repository import list_models
 from service.settings import Settings
 
@@ -71,17 +76,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         # Worker processes import the app by name and rebuild Settings from the environment.
         _export_environment(settings)
-        uvicorn.run(
-            "service.app:app_from_environment",
-            factory=True,
-            host=settings.host,
-            port=settings.port,
-            workers=settings.workers,
-            log_level=settings.log_level,
-            access_log=False,
-            timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
-        )
+        with _shared_metrics_directory():
+            uvicorn.run(
+                "service.app:app_from_environment",
+                factory=True,
+                host=settings.host,
+                port=settings.port,
+                workers=settings.workers,
+                log_level=settings.log_level,
+                access_log=False,
+                timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
+            )
     return 0
+
+
+@contextlib.contextmanager
+def _shared_metrics_directory() -> Iterator[None]:
+    """Where the workers' metric files go (see service.metrics), set before they start.
+
+    A directory given in PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files
+    first (prometheus-client's rule); otherwise a private one is made and removed at exit.
+    """
+    given = os.environ.get(MULTIPROC_ENV)
+    directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="normserve-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _export_environment(settings: Settings) -> None:

@@ -20,7 +20,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import ui, v1, v2
@@ -99,6 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         # uvicorn has finished the in-flight requests before this point; drain the queues.
         await store.stop()
+        metrics.close()
 
     app = NormserveApp(
         title="normserve",
@@ -121,7 +122,7 @@ def create_app(settings: Settings) -> FastAPI:
         # Queue depth is read when scraped: exact at that instant, no bookkeeping per request.
         for name, served in store.served.items():
             metrics.queue_depth.labels(name).set(served.batcher.depth)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     _install_error_handlers(app)
     # In front of FastAPI's own stack, not inside it: the access log and metrics see every

@@ -2,15 +2,23 @@
 
 Collectors live in a registry of the app's own (not prometheus-client's global one), so
 several apps in one process (tests) do not collide and /metrics shows only this app.
+
+With several worker processes (``--workers N``) a scrape reaches one of them at random, so
+each would show only its own share and counters would jump between scrapes. Then
+``python -m service`` sets ``PROMETHEUS_MULTIPROC_DIR`` before the workers start:
+prometheus-client keeps every value in a file per process there, and ``exposition()``
+sums them, so every scrape shows the whole server.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 
 from service.batcher import BatchRecord
 
@@ -18,6 +26,7 @@ _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 @dataclass
@@ -78,17 +87,36 @@ class Metrics:
             "Requests waiting for a batch.",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livesum",  # all workers' queues together
         )
         self.model_ready = Gauge(
             "normserve_model_ready",
             "1 when the model is loaded and warmed up.",
             ["model"],
             registry=self.registry,
+            multiprocess_mode="livemin",  # ready only when every worker has it loaded
         )
         self.stats: dict[str, ModelStats] = {}
         # Batches finish on the event loop, stats are read there too; the lock keeps a
         # snapshot consistent if a reader ever runs in a thread.
         self._lock = threading.Lock()
+
+    @staticmethod
+    def multiprocess() -> bool:
+        return bool(os.environ.get(MULTIPROC_ENV))
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this process's, or every worker's summed."""
+        if not self.multiprocess():
+            return bytes(generate_latest(self.registry))
+        combined = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(combined))
+
+    def close(self) -> None:
+        """At a worker's shutdown: its live gauges (queue depth, readiness) stop counting."""
+        if self.multiprocess():
+            prometheus_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def on_batch(self, record: BatchRecord) -> None:
         model = record.model

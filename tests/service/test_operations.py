@@ -74,17 +74,34 @@ def test_overload_gets_503_retry_after_and_accepted_requests_are_right(
         assert 'status="503"' in metrics
 
 
-def test_two_workers_split_the_cpu_budget(
-    built_repository: tuple[Path, Path, str], tmp_path: Path
+def test_two_workers_split_the_cpu_budget_and_share_one_metrics_view(
+    built_repository: tuple[Path, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repository = built_repository[0]
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_999999.db").write_bytes(b"stale values of an earlier run")
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
+    requests = 24
     with running_server(repository, tmp_path, "--workers", "2") as srv:
         config = httpx.get(f"{srv.http_url}/v2/models/digits_cnn/config").json()
         threads = int(config["parameters"]["intra_op_thread_count"]["string_value"])
         assert threads == 1  # 2 CPUs here / 2 workers
         image = load_digits_split().test.images[:1].numpy().reshape(1, 1, 8, 8)
-        response = httpx.post(f"{srv.http_url}/v2/models/digits_cnn/infer", content=_body(image))
-        assert response.status_code == 200
+        for _ in range(requests):  # a new connection each: the workers share them out
+            response = httpx.post(
+                f"{srv.http_url}/v2/models/digits_cnn/infer", content=_body(image)
+            )
+            assert response.status_code == 200
+        # Whichever worker answers a scrape, it reports the whole server's count.
+        line = 'normserve_requests_total{model="digits_cnn",protocol="v2",status="200"}'
+        for _ in range(6):
+            text = httpx.get(f"{srv.http_url}/metrics").text
+            counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+            assert counts == [requests], text[-2000:]
+            assert 'normserve_model_ready{model="digits_cnn"} 1.0' in text
+        writers = {f.stem.rsplit("_", 1)[-1] for f in shared.glob("counter_*.db")}
+        assert len(writers) == 2 and "999999" not in writers  # both workers; the stale file gone
 
 
 def test_server_writes_no_onnxruntime_telemetry(
