@@ -10,6 +10,7 @@ answers: every test that folds randomizes them first.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -91,3 +92,18 @@ def built_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return repository, checkpoints, result.stderr
+
+
+@pytest.fixture
+def model_copies(built_repository: tuple[Path, Path, str], tmp_path: Path) -> Callable[..., Path]:
+    """``model_copies("a", "b")``: a fresh repository in tmp_path holding copies of those
+    built models, for tests that change a repository (the session's one stays untouched)."""
+
+    def copy(*names: str) -> Path:
+        target = tmp_path / "repo"
+        target.mkdir(exist_ok=True)
+        for name in names:
+            shutil.copytree(built_repository[0] / name, target / name)
+        return target
+
+    return copy

@@ -6,7 +6,7 @@ the session's freshly built one, so each test starts from the fp32 models alone.
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +21,8 @@ from service.runtime import OnnxModel, SessionOptions
 
 
 @pytest.fixture
-def repository(built_repository: tuple[Path, Path, str], tmp_path: Path) -> Path:
-    source, _, _ = built_repository
-    target = tmp_path / "repo"
-    target.mkdir()
-    for name in ("digits_cnn", "digits_transformer"):
-        shutil.copytree(source / name, target / name)
-    return target
+def repository(model_copies: Callable[..., Path]) -> Path:
+    return model_copies("digits_cnn", "digits_transformer")
 
 
 def _served(repository: Path, name: str) -> OnnxModel:
@@ -92,15 +87,11 @@ def test_int8_models_are_not_quantized_again(repository: Path) -> None:
         quantize_published(repository, "digits_cnn_int8")
 
 
-def test_batch_dependent_models_are_refused(
-    built_repository: tuple[Path, Path, str], tmp_path: Path
-) -> None:
-    shutil.copytree(
-        built_repository[0] / "digits_cnn_batchstats", tmp_path / "digits_cnn_batchstats"
-    )
+def test_batch_dependent_models_are_refused(model_copies: Callable[..., Path]) -> None:
+    repository = model_copies("digits_cnn_batchstats")
     with pytest.raises(QuantizationError, match="batch-dependent"):
-        quantize_published(tmp_path, "digits_cnn_batchstats")
-    assert not (tmp_path / "digits_cnn_batchstats_int8").exists()
+        quantize_published(repository, "digits_cnn_batchstats")
+    assert not (repository / "digits_cnn_batchstats_int8").exists()
 
 
 def test_cli_prints_the_evidence_and_refuses_unknown_models(repository: Path) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,11 +13,8 @@ from service.repository import read_config, write_config
 
 
 @pytest.fixture
-def repository(built_repository: tuple[Path, Path, str], tmp_path: Path) -> Path:
-    target = tmp_path / "repo"
-    target.mkdir()
-    shutil.copytree(built_repository[0] / "digits_transformer", target / "digits_transformer")
-    return target
+def repository(model_copies: Callable[..., Path]) -> Path:
+    return model_copies("digits_transformer")
 
 
 def test_tune_times_every_candidate_and_records_the_choice(repository: Path) -> None:

@@ -6,8 +6,8 @@ config picks its engine (``runtime.engine``), which ``python -m export tune`` wr
 
 from __future__ import annotations
 
-import shutil
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,11 +35,8 @@ needs_openvino = pytest.mark.skipif(
 
 
 @pytest.fixture
-def repository(built_repository: tuple[Path, Path, str], tmp_path: Path) -> Path:
-    target = tmp_path / "repo"
-    target.mkdir()
-    shutil.copytree(built_repository[0] / "digits_cnn", target / "digits_cnn")
-    return target
+def repository(model_copies: Callable[..., Path]) -> Path:
+    return model_copies("digits_cnn")
 
 
 def _with_engine(repository: Path, engine: str) -> None:
