@@ -201,6 +201,15 @@ def test_container_serves_v2_answers_healthcheck_and_stops_cleanly(
     finally:
         client.close()
 
+    # The web page and its data come from the image too: the page's files are package data
+    # of `service`, the test digits part of the repository the models stage copied.
+    page = httpx.get(f"http://{container.url}/", timeout=5)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    samples = httpx.get(f"http://{container.url}/ui/samples.json", timeout=5)
+    assert samples.status_code == 200, samples.text
+    assert len(samples.json()["labels"]) == len(test)
+
     # The HEALTHCHECK command itself, inside the container, as the engine would run it.
     probe = subprocess.run(
         ["buildah", "run", "--isolation", "chroot", container.name, "--",
