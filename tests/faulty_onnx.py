@@ -11,9 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
-from tiny_onnx import install_source
+from tiny_onnx import install_source, save_checked
 
 from service.repository import TensorSpec
 
@@ -39,11 +38,7 @@ def write_faulty_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", COLUMNS])],
         [numpy_helper.from_array(TABLE, "table")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, str(path))
-    return path
+    return save_checked(graph, path)
 
 
 def faulty_repository(root: Path, name: str = "faulty", **config: object) -> Path:

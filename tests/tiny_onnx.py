@@ -32,11 +32,7 @@ def write_tiny_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", CLASSES])],
         [numpy_helper.from_array(WEIGHT, "W"), numpy_helper.from_array(BIAS, "B")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, str(path))
-    return path
+    return save_checked(graph, path)
 
 
 def install_source(root: Path, source: Path, config: dict[str, object]) -> Path:
@@ -93,11 +89,7 @@ def write_batch_mean_onnx(path: Path) -> Path:
         [helper.make_tensor_value_info("centered", TensorProto.FLOAT, ["batch", FEATURES])],
         [numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
-    onnx.checker.check_model(model, full_check=True)
-    onnx.save_model(model, str(path))
-    return path
+    return save_checked(graph, path)
 
 
 def batch_mean_repository(root: Path, name: str = "centering", **config: object) -> Path:
@@ -110,3 +102,12 @@ def batch_mean_repository(root: Path, name: str = "centering", **config: object)
         source,
         {"name": name, "inputs": spec, "outputs": out, "batch_dependent": True, **config},
     )
+
+
+def save_checked(graph: onnx.GraphProto, path: Path) -> Path:
+    """``graph`` as an opset-18 model that passes the full onnx checker, saved at ``path``."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9  # what onnxruntime 1.x reads
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
