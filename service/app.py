@@ -35,7 +35,7 @@ from service.errors import (
     PayloadTooLarge,
     ResourceNotFound,
 )
-from service.fastpath import InferFastPath
+from service.fastpath import InferFastPath, Route, route_of
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
@@ -128,7 +128,8 @@ def create_app(settings: Settings) -> FastAPI:
     # In front of FastAPI's own stack, not inside it: the access log and metrics see every
     # request, and inference requests skip the framework's layers altogether.
     app.front = AccessMiddleware(
-        InferFastPath(app.framework, store=store, on_error=domain_error_response),
+        app.framework,
+        InferFastPath(store, errors=error_parts),
         metrics=metrics,
         store=store,
         enabled=settings.access_log,
@@ -160,17 +161,20 @@ class NormserveApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def domain_error_response(exc: NormserveError) -> Response:
-    headers = None
+def error_parts(exc: NormserveError) -> tuple[int, str, dict[str, str]]:
+    """Status, message and extra headers for a domain error: the framework's handlers and
+    the inference fast path answer alike."""
+    headers = {}
     if isinstance(exc, Overloaded):
         headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-    return error_response(status_for(exc), str(exc), headers)
+    return status_for(exc), str(exc), headers
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(NormserveError)
     async def domain_error(request: Request, exc: NormserveError) -> Response:
-        return domain_error_response(exc)
+        status, message, headers = error_parts(exc)
+        return error_response(status, message, headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -202,16 +206,22 @@ def _new_request_id() -> str:
 
 
 class AccessMiddleware:
-    """Request id, one structured access-log line and request metrics per request."""
+    """Request id, one structured access-log line and request metrics per request.
+
+    Inference requests go to the fast path, which takes the request id and returns the
+    status it sent; everything else goes to the framework with the id added to its answer.
+    """
 
     def __init__(
         self,
-        app: Callable[..., Awaitable[None]],
+        app: ASGIApp,
+        fast: InferFastPath,
         metrics: Metrics,
         store: ModelStore,
         enabled: bool,
     ) -> None:
         self.app = app
+        self.fast = fast
         self.metrics = metrics
         self.store = store
         self.enabled = enabled
@@ -220,29 +230,40 @@ class AccessMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or _new_request_id()
+        request_id = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value[:128]
+                break
+        request_id = request_id or _new_request_id().encode()
         started = time.perf_counter()
         status = 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
-            await send(message)
-
+        route = route_of(scope)
         try:
-            await self.app(scope, receive, send_with_id)
+            if route is not None:
+                status = await self.fast.answer(route, scope, receive, send, request_id)
+            else:
+
+                async def send_with_id(message: Message) -> None:
+                    nonlocal status
+                    if message["type"] == "http.response.start":
+                        status = message["status"]
+                        message["headers"] = [
+                            *message.get("headers", ()),
+                            (b"x-request-id", request_id),
+                        ]
+                    await send(message)
+
+                await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            self._observe(scope, status, seconds)
+            if route is not None:
+                self._observe(route, status, seconds)
             if self.enabled:
                 access_log.info(
                     orjson.dumps(
                         {
-                            "request_id": request_id,
+                            "request_id": request_id.decode("latin-1"),
                             "method": scope.get("method"),
                             "path": scope.get("path"),
                             "status": status,
@@ -252,16 +273,13 @@ class AccessMiddleware:
                     ).decode()
                 )
 
-    def _observe(self, scope: Scope, status: int, seconds: float) -> None:
-        path = scope.get("path", "")
-        protocol = "v2" if path.endswith("/infer") else "v1" if path.endswith(":predict") else None
-        if protocol is None:
-            return
-        model = scope.get("path_params", {}).get("model_name", "")
+    def _observe(self, route: Route, status: int, seconds: float) -> None:
         # Only names the repository has become label values: a client must not be able to
         # grow the metrics without bound by inventing model names.
+        model = route.model
         known = model in self.store.served or model in self.store.failed
-        self.metrics.on_request(model if known else "unknown", protocol, status, seconds, known)
+        label = model if known else "unknown"
+        self.metrics.on_request(label, route.protocol, status, seconds, known)
 
 
 def app_from_environment() -> FastAPI:

@@ -104,6 +104,11 @@ class Batcher:
 
         ``deadline`` is a ``time.perf_counter()`` instant after which the request is not run.
         """
+        return await self.enqueue(inputs, deadline)
+
+    def enqueue(self, inputs: Tensors, deadline: float | None = None) -> asyncio.Future[Tensors]:
+        """``submit`` without the coroutine: the future the batch will resolve. Cancelling it
+        takes the request out of its batch (if the batch has not started)."""
         if self._queue is None or self._task is None or self._task.done():
             raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
         rows = next(iter(inputs.values())).shape[0]
@@ -116,7 +121,7 @@ class Batcher:
                 f"model '{self.model.name}' is overloaded: {self.max_queue_size} requests are "
                 "already waiting; retry later"
             ) from None
-        return await future
+        return future
 
     async def stop(self) -> None:
         """Finish what is queued, then end the loop (graceful shutdown)."""

@@ -127,6 +127,12 @@ class ModelStore:
         self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None
     ) -> dict[str, np.ndarray]:
         """Validate against the signature, then run in a batch before the deadline."""
+        return await self.submit(served, tensors, timeout_ms)
+
+    def submit(
+        self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None
+    ) -> asyncio.Future[dict[str, np.ndarray]]:
+        """``infer`` as a future (no coroutine or task per request): the batch resolves it."""
         inputs = served.model.validate(tensors)
         timeout = timeout_ms if timeout_ms is not None else self.settings.request_timeout_ms
-        return await served.batcher.submit(inputs, time.perf_counter() + timeout / 1000)
+        return served.batcher.enqueue(inputs, time.perf_counter() + timeout / 1000)

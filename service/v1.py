@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service import codec
 from service.codec_v1 import decode_v1, encode_v1
 from service.store import ModelStore
-from service.v2 import Store, json_response, read_body, until_disconnected
+from service.v2 import Receive, Store, json_response, read_body, until_disconnected
 
 router = APIRouter()
 
@@ -32,17 +33,23 @@ async def model_status(store: Store, model_name: str) -> Response:
 
 @router.post("/v1/models/{model_name}:predict")
 async def predict(request: Request, store: Store, model_name: str) -> Response:
-    # Documented here for OpenAPI; requests are answered by service.fastpath.
-    return await predict_response(request, store, model_name)
+    # Documented here for OpenAPI; the server answers in service.fastpath with the same code.
+    payload = await predict_payload(
+        store, model_name, request.receive, request.headers.get("content-length")
+    )
+    return Response(payload, media_type="application/json")
 
 
-async def predict_response(request: Request, store: ModelStore, model_name: str) -> Response:
-    """One V1 prediction; errors raise NormserveError."""
+async def predict_payload(
+    store: ModelStore, model_name: str, receive: Receive, content_length: str | None
+) -> bytes:
+    """One V1 prediction from ASGI ``receive``: the JSON response body. Errors raise
+    NormserveError."""
     served = store.get(model_name)
-    body = await read_body(request)
+    body = await read_body(receive, content_length, store.settings.max_request_bytes)
     payload = codec.decode_json_body(body)
     codec.check_depth(payload, store.settings.max_json_depth, body)
     outputs = await until_disconnected(
-        request, store.infer(served, decode_v1(payload, served.config), None)
+        receive, store.submit(served, decode_v1(payload, served.config), None)
     )
-    return json_response(encode_v1(outputs, served.config))
+    return orjson.dumps(encode_v1(outputs, served.config))

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Coroutine
+import functools
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Annotated, Any, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
 
 from service import codec
 from service.errors import ClientDisconnected, InvalidInput, PayloadTooLarge
@@ -24,6 +23,7 @@ HEADER_LENGTH = "inference-header-content-length"
 
 router = APIRouter()
 T = TypeVar("T")
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 
 async def get_store(request: Request) -> ModelStore:
@@ -40,47 +40,58 @@ def json_response(content: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(content), status_code=status, media_type="application/json")
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refused with 413 past the configured limit (counted while streaming)."""
-    limit: int = request.app.state.settings.max_request_bytes
-    declared = request.headers.get("content-length")
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The body from ASGI ``receive``, refused with 413 past ``limit`` bytes (the declared
+    Content-Length first, then counted while streaming)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected("the client disconnected while sending its body")
+        chunk = message.get("body", b"")
+        if chunk:
             size += len(chunk)
             if size > limit:
                 raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientDisconnected("the client disconnected while sending its body") from None
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            break
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
-    """``work``'s result, or cancel it when the client goes away first.
+async def until_disconnected(receive: Receive, result: asyncio.Future[T]) -> T:
+    """``result``, or cancel it when the client goes away first.
 
-    Cancelling cancels the caller's future in the batcher, which then skips the request: a
-    client that gave up costs no inference and frees its place in the queue.
+    Cancelling the batcher's future makes the batcher skip the request: a client that gave
+    up costs no inference and frees its place in the queue. One watcher task per request
+    and a callback; no task for the work itself and no ``asyncio.wait``, which together
+    cost about 8% of the event loop's time per request under load.
     """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(request))
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    watcher.add_done_callback(functools.partial(_cancel_on_disconnect, result))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await result
+    except asyncio.CancelledError:
+        if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+            raise ClientDisconnected(
+                "the client disconnected before its answer was ready"
+            ) from None
+        raise  # the server cancelled this request (shutdown): not the client's doing
     finally:
         watcher.cancel()
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        raise ClientDisconnected("the client disconnected before its answer was ready")
-    return task.result()
 
 
-async def _disconnect(request: Request) -> None:
+def _cancel_on_disconnect(result: asyncio.Future[Any], watcher: asyncio.Future[None]) -> None:
+    if not watcher.cancelled() and watcher.exception() is None and not result.done():
+        result.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
     # The body has been read: the next message can only be the disconnect.
-    while (await request.receive())["type"] != "http.disconnect":
+    while (await receive())["type"] != "http.disconnect":
         pass
 
 
@@ -241,22 +252,39 @@ async def repository_index(store: Store) -> Response:
 async def infer(
     request: Request, store: Store, model_name: str, version: str | None = None
 ) -> Response:
-    # Documented here for OpenAPI; requests are answered by service.fastpath, in front of the
-    # router, which calls infer_response directly.
-    return await infer_response(request, store, model_name, version)
-
-
-async def infer_response(
-    request: Request, store: ModelStore, model_name: str, version: str | None
-) -> Response:
-    """One V2 inference: parse, queue for the batcher, encode. Errors raise NormserveError."""
-    served = store.get(model_name, version)
-    body = await read_body(request)
-    parsed = codec.decode_infer_request(body, _header_length(request), store.settings.limits)
-    outputs = await until_disconnected(
-        request, store.infer(served, parsed.inputs, parsed.timeout_ms)
+    # Documented here for OpenAPI. The server answers these requests in service.fastpath,
+    # in front of the router, with the same infer_payload.
+    payload, headers = await infer_payload(
+        store,
+        model_name,
+        version,
+        request.receive,
+        request.headers.get("content-length"),
+        request.headers.get(HEADER_LENGTH),
     )
-    payload, headers = codec.encode_infer_response(
+    return Response(payload, headers=headers)
+
+
+async def infer_payload(
+    store: ModelStore,
+    model_name: str,
+    version: str | None,
+    receive: Receive,
+    content_length: str | None,
+    header_length: str | None,
+) -> tuple[bytes, dict[str, str]]:
+    """One V2 inference from ASGI ``receive``: the response body and its headers.
+
+    Errors raise NormserveError. The model is looked up before the body is read, so an
+    unknown model is refused without reading a large body.
+    """
+    served = store.get(model_name, version)
+    body = await read_body(receive, content_length, store.settings.max_request_bytes)
+    parsed = codec.decode_infer_request(body, _header_length(header_length), store.settings.limits)
+    outputs = await until_disconnected(
+        receive, store.submit(served, parsed.inputs, parsed.timeout_ms)
+    )
+    return codec.encode_infer_response(
         served.config.name,
         served.version,
         parsed.id,
@@ -264,11 +292,9 @@ async def infer_response(
         parsed.outputs,
         parsed.binary_output,
     )
-    return Response(payload, headers=headers)
 
 
-def _header_length(request: Request) -> int | None:
-    value = request.headers.get(HEADER_LENGTH)
+def _header_length(value: str | None) -> int | None:
     if value is None:
         return None
     if not value.isdigit():
