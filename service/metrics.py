@@ -13,12 +13,14 @@ sums them, so every scrape shows the whole server.
 from __future__ import annotations
 
 import os
-import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from service.batcher import BatchRecord
 
@@ -96,10 +98,40 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemin",  # ready only when every worker has it loaded
         )
-        self.stats: dict[str, ModelStats] = {}
-        # Batches finish on the event loop, stats are read there too; the lock keeps a
-        # snapshot consistent if a reader ever runs in a thread.
-        self._lock = threading.Lock()
+        # Triton's statistics extension, kept in collectors too, so that with several
+        # workers /v2/models/stats sums every process exactly as /metrics does (a dict per
+        # process would answer with whichever worker the request reached).
+        self.outcomes = Counter(
+            "normserve_model_requests",
+            "Requests that reached a served model, by outcome (success|fail).",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.outcome_seconds = Counter(
+            "normserve_model_request_seconds",
+            "Total duration of the requests that reached a served model, by outcome.",
+            ["model", "outcome"],
+            registry=self.registry,
+        )
+        self.executions = Counter(
+            "normserve_executions",
+            "Batches that ran without error, by rows in the batch.",
+            ["model", "batch_size"],
+            registry=self.registry,
+        )
+        self.execution_seconds = Counter(
+            "normserve_execution_seconds",
+            "onnxruntime time of the batches that ran without error, by rows in the batch.",
+            ["model", "batch_size"],
+            registry=self.registry,
+        )
+        self.last_inference = Gauge(
+            "normserve_last_inference_timestamp_seconds",
+            "When the model last finished a batch (Unix time).",
+            ["model"],
+            registry=self.registry,
+            multiprocess_mode="max",  # the latest of any worker
+        )
 
     @staticmethod
     def multiprocess() -> bool:
@@ -122,20 +154,14 @@ class Metrics:
         model = record.model
         self.batch_size.labels(model).observe(record.rows)
         self.compute_seconds.labels(model).observe(record.compute_seconds)
+        queue = self.queue_seconds.labels(model)
         for seconds in record.queue_seconds:
-            self.queue_seconds.labels(model).observe(seconds)
-        with self._lock:
-            stats = self.stats.setdefault(model, ModelStats())
-            compute_ns = int(record.compute_seconds * 1e9)
-            stats.compute_ns += compute_ns
-            stats.queue_ns += int(sum(record.queue_seconds) * 1e9)
-            if not record.failed:
-                stats.execution_count += 1
-                stats.inference_count += record.rows
-                entry = stats.batch_sizes.setdefault(record.rows, [0, 0])
-                entry[0] += 1
-                entry[1] += compute_ns
-                stats.last_inference_ms = int(time.time() * 1000)
+            queue.observe(seconds)
+        if not record.failed:
+            rows = str(record.rows)
+            self.executions.labels(model, rows).inc()
+            self.execution_seconds.labels(model, rows).inc(record.compute_seconds)
+            self.last_inference.labels(model).set(time.time())
 
     def on_request(
         self, model: str, protocol: str, status: int, seconds: float, counted: bool
@@ -143,13 +169,57 @@ class Metrics:
         """One finished request; ``counted`` when it reached the model (success or failure)."""
         self.requests.labels(model, protocol, str(status)).inc()
         self.request_seconds.labels(model, protocol).observe(seconds)
-        if not counted:
-            return
-        with self._lock:
-            stats = self.stats.setdefault(model, ModelStats())
-            if status == 200:
-                stats.success_count += 1
-                stats.success_ns += int(seconds * 1e9)
-            else:
-                stats.fail_count += 1
-                stats.fail_ns += int(seconds * 1e9)
+        if counted:
+            outcome = "success" if status == 200 else "fail"
+            self.outcomes.labels(model, outcome).inc()
+            self.outcome_seconds.labels(model, outcome).inc(seconds)
+
+    def model_stats(self) -> dict[str, ModelStats]:
+        """Triton statistics per model, from this process's collectors or every worker's."""
+        stats: dict[str, ModelStats] = {}
+        for family in self._collect():
+            for sample in family.samples:
+                model = sample.labels.get("model")
+                if model is None:
+                    continue
+                _add_sample(stats.setdefault(model, ModelStats()), sample.name, sample)
+        return stats
+
+    def _collect(self) -> Iterable[Metric]:
+        if not self.multiprocess():
+            return self.registry.collect()
+        combined = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(combined)  # type: ignore[no-untyped-call]
+        return combined.collect()
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * 1e9)
+
+
+def _add_sample(stats: ModelStats, name: str, sample: Sample) -> None:
+    """Adds one collected sample to the statistics it belongs to (others are ignored)."""
+    labels, value = sample.labels, sample.value
+    if name == "normserve_model_requests_total":
+        if labels["outcome"] == "success":
+            stats.success_count += int(value)
+        else:
+            stats.fail_count += int(value)
+    elif name == "normserve_model_request_seconds_total":
+        if labels["outcome"] == "success":
+            stats.success_ns += _ns(value)
+        else:
+            stats.fail_ns += _ns(value)
+    elif name == "normserve_queue_duration_seconds_sum":
+        stats.queue_ns += _ns(value)
+    elif name == "normserve_compute_duration_seconds_sum":
+        stats.compute_ns += _ns(value)
+    elif name == "normserve_executions_total":
+        rows, count = int(labels["batch_size"]), int(value)
+        stats.execution_count += count
+        stats.inference_count += rows * count
+        stats.batch_sizes.setdefault(rows, [0, 0])[0] += count
+    elif name == "normserve_execution_seconds_total":
+        stats.batch_sizes.setdefault(int(labels["batch_size"]), [0, 0])[1] += _ns(value)
+    elif name == "normserve_last_inference_timestamp_seconds" and value > 0:
+        stats.last_inference_ms = max(stats.last_inference_ms, int(value * 1000))

@@ -144,12 +144,13 @@ async def model_stats(
 ) -> Response:
     metrics: Metrics = request.app.state.metrics
     names = [store.get(model_name, version).config.name] if model_name else list(store.served)
-    return json_response({"model_stats": [_stats(store.served[n], metrics) for n in names]})
+    stats = metrics.model_stats()
+    return json_response(
+        {"model_stats": [_stats(store.served[n], stats.get(n, ModelStats())) for n in names]}
+    )
 
 
-def _stats(served: Served, metrics: Metrics) -> dict[str, Any]:
-    s = metrics.stats.get(served.config.name, ModelStats())
-
+def _stats(served: Served, s: ModelStats) -> dict[str, Any]:
     def pair(count: int, ns: int) -> dict[str, int]:
         return {"count": count, "ns": ns}
 

@@ -74,7 +74,7 @@ def test_overload_gets_503_retry_after_and_accepted_requests_are_right(
         assert 'status="503"' in metrics
 
 
-def test_two_workers_split_the_cpu_budget_and_share_one_metrics_view(
+def test_two_workers_split_the_cpu_budget_and_share_one_metrics_and_stats_view(
     built_repository: tuple[Path, Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repository = built_repository[0]
@@ -100,6 +100,13 @@ def test_two_workers_split_the_cpu_budget_and_share_one_metrics_view(
             counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
             assert counts == [requests], text[-2000:]
             assert 'normserve_model_ready{model="digits_cnn"} 1.0' in text
+            # Triton's statistics too: every worker's requests, whichever worker answers.
+            stats = httpx.get(f"{srv.http_url}/v2/models/digits_cnn/stats").json()
+            entry = stats["model_stats"][0]
+            assert entry["inference_stats"]["success"]["count"] == requests, entry
+            assert entry["inference_count"] == requests, entry  # one row per request
+            batches = sum(b["compute_infer"]["count"] for b in entry["batch_stats"])
+            assert batches == entry["execution_count"] >= 1, entry
         writers = {f.stem.rsplit("_", 1)[-1] for f in shared.glob("counter_*.db")}
         assert len(writers) == 2 and "999999" not in writers  # both workers; the stale file gone
 
