@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.codec import Limits
@@ -33,7 +33,10 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="TCP port.")
     workers: Annotated[int, Field(ge=1)] = Field(
-        1, description="Server processes; the CPU budget is split between them."
+        1,
+        description="Server processes; the CPU budget is split between them. 'auto': one per "
+        "CPU available, each with one onnxruntime thread (the most requests/s when many "
+        "clients send one sample each; each worker holds its own copy of the models).",
     )
     intra_op_threads: Annotated[int, Field(ge=1)] | None = Field(
         None,
@@ -77,6 +80,11 @@ class Settings(BaseSettings):
         "info", description="Log level."
     )
     access_log: bool = Field(True, description="One structured log line per request.")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        return cpu_budget() if isinstance(value, str) and value.strip() == "auto" else value
 
     @model_validator(mode="after")
     def _fits_cpu_budget(self) -> Settings:

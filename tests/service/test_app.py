@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from tiny_onnx import CLASSES, FEATURES, expected, tiny_repository
 
 from service.app import create_app
-from service.settings import Settings
+from service.settings import Settings, cpu_budget
 
 ATOL = 1e-5
 
@@ -187,6 +187,12 @@ def test_metrics_count_requests_by_status_without_inventing_labels(repository: P
     assert 'normserve_requests_total{model="tiny",protocol="v2",status="400"} 1.0' in text
     assert 'model="made-up-name"' not in text and 'model="unknown"' in text
     assert 'normserve_batch_size_sum{model="tiny"} 3.0' in text
+
+
+def test_auto_workers_is_one_per_cpu_each_with_one_thread() -> None:
+    settings = Settings(workers="auto")  # type: ignore[arg-type]  # as the flag/env give it
+    assert settings.workers == cpu_budget()
+    assert settings.threads_per_session == 1
 
 
 def test_settings_refuse_more_threads_than_cpus() -> None:
