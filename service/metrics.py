@@ -105,7 +105,10 @@ class Metrics:
         # Triton's statistics extension, kept in collectors too, so that with several
         # workers /v2/models/stats sums every process exactly as /metrics does (a dict per
         # process would answer with whichever worker the request reached).
+        # Labelled children, looked up once per label combination (see _children).
         self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
+        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
+        self._execution_children: dict[tuple[str, int], tuple[Counter, Counter]] = {}
         self.outcomes = Counter(
             "normserve_model_requests",
             "Requests that reached a served model, by outcome (success|fail).",
@@ -156,17 +159,30 @@ class Metrics:
             prometheus_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
     def on_batch(self, record: BatchRecord) -> None:
-        model = record.model
-        self.batch_size.labels(model).observe(record.rows)
-        self.compute_seconds.labels(model).observe(record.compute_seconds)
-        queue = self.queue_seconds.labels(model)
+        model, rows = record.model, record.rows
+        children = self._batch_children.get(model)
+        if children is None:
+            children = self._batch_children[model] = (
+                self.batch_size.labels(model),
+                self.compute_seconds.labels(model),
+                self.queue_seconds.labels(model),
+                self.last_inference.labels(model),
+            )
+        batch_size, compute, queue, last_inference = children
+        batch_size.observe(rows)
+        compute.observe(record.compute_seconds)
         for seconds in record.queue_seconds:
             queue.observe(seconds)
         if not record.failed:
-            rows = str(record.rows)
-            self.executions.labels(model, rows).inc()
-            self.execution_seconds.labels(model, rows).inc(record.compute_seconds)
-            self.last_inference.labels(model).set(time.time())
+            executions = self._execution_children.get((model, rows))
+            if executions is None:
+                executions = self._execution_children[(model, rows)] = (
+                    self.executions.labels(model, str(rows)),
+                    self.execution_seconds.labels(model, str(rows)),
+                )
+            executions[0].inc()
+            executions[1].inc(record.compute_seconds)
+            last_inference.set(time.time())
 
     def on_request(
         self, model: str, protocol: str, status: int, seconds: float, counted: bool
