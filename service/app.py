@@ -1,8 +1,14 @@
-"""The FastAPI application: lifespan, the one error-to-status map, access logs and metrics.
+"""The server's ASGI application: lifespan, the front layers, and FastAPI behind them.
 
 ``create_app(settings)`` builds everything from the settings it is given; nothing happens at
-import time. Models load and warm up in the lifespan (in a thread, so the event loop stays
-free), and the batchers start there, bound to the running loop.
+import time. The models load and warm up in the lifespan (in a thread, so the event loop
+stays free) and the batchers start there, bound to the running loop.
+
+Inference and health requests are answered by the fast path (service.fastpath) and never
+touch FastAPI; every other route is FastAPI's (service.framework). FastAPI is imported and
+built in a background thread once the models serve, so a server is ready and answers
+inference ~0.3 s sooner after start (its import was a third of the cold start); a request
+for one of its routes in that window waits for it.
 """
 
 from __future__ import annotations
@@ -11,51 +17,24 @@ import asyncio
 import itertools
 import logging
 import secrets
+import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
 
 import orjson
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import ui, v1, v2
-from service.errors import (
-    ClientDisconnected,
-    DeadlineExceeded,
-    InvalidInput,
-    ModelNotFound,
-    ModelNotReady,
-    NormserveError,
-    Overloaded,
-    PayloadTooLarge,
-    ResourceNotFound,
-)
+from service.errors import error_parts
 from service.fastpath import InferFastPath, Route, route_of
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import ModelStore
-from service.webdata import SamplesFile
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger("normserve")
 access_log = logging.getLogger("normserve.access")
-
-# The one place that knows HTTP statuses. Order matters: subclasses before their bases.
-STATUS: list[tuple[type[NormserveError], int]] = [
-    (InvalidInput, 400),
-    (ModelNotFound, 404),
-    (ResourceNotFound, 404),
-    (PayloadTooLarge, 413),
-    (Overloaded, 503),
-    (ModelNotReady, 503),
-    (DeadlineExceeded, 504),
-    # nginx's convention for 'client closed request': only the access log ever sees it.
-    (ClientDisconnected, 499),
-]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -64,134 +43,97 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def status_for(exc: NormserveError) -> int:
-    return next((status for kind, status in STATUS if isinstance(exc, kind)), 500)
+def create_app(settings: Settings) -> NormserveApp:
+    return NormserveApp(settings)
 
 
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    # Every error is {"error": "..."}: what V2 clients (tritonclient) decode.
-    return Response(
-        orjson.dumps({"error": message}),
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+class NormserveApp:
+    """The access log and metrics, in front of the inference fast path and of FastAPI.
 
-
-def create_app(settings: Settings) -> FastAPI:
-    metrics = Metrics()
-    store = ModelStore(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        await asyncio.to_thread(store.load, metrics.on_batch)
-        store.start()
-        for name in store.names():
-            metrics.model_ready.labels(name).set(1 if name in store.served else 0)
-        log.info(
-            "serving %d model(s) from %s, ready=%s, start-up %.2f s",
-            len(store.served),
-            settings.repository,
-            store.ready,
-            time.perf_counter() - started,
-        )
-        yield
-        # uvicorn has finished the in-flight requests before this point; drain the queues.
-        await store.stop()
-        metrics.close()
-
-    app = NormserveApp(
-        title="normserve",
-        version=v2.SERVER_VERSION,
-        description="Open Inference Protocol (KServe V2 / Triton) and V1 JSON over onnxruntime.",
-        lifespan=lifespan,
-    )
-    app.state.settings = settings
-    app.state.store = store
-    app.state.metrics = metrics
-    app.include_router(v2.router)
-    app.include_router(v1.router)
-    # The web page: its files are read now, once; the samples file whenever it changes.
-    app.state.page_files = ui.load_page_files()
-    app.state.samples = SamplesFile(settings.repository)
-    app.include_router(ui.router)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus() -> Response:
-        # Queue depth is read when scraped: exact at that instant, no bookkeeping per request.
-        for name, served in store.served.items():
-            metrics.queue_depth.labels(name).set(served.batcher.depth)
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
-
-    _install_error_handlers(app)
-    # In front of FastAPI's own stack, not inside it: the access log and metrics see every
-    # request, and inference requests skip the framework's layers altogether.
-    app.front = AccessMiddleware(
-        app.framework,
-        InferFastPath(store, errors=error_parts),
-        metrics=metrics,
-        store=store,
-        enabled=settings.access_log,
-    )
-    return app
-
-
-class NormserveApp(FastAPI):
-    """FastAPI behind our own front layers.
-
-    ``add_middleware`` would put them inside FastAPI's stack (server-error, body-limit and
-    OpenTelemetry layers, then Starlette's exception middleware), which every inference
-    request then crossed for nothing: about 7% of the event loop's time under load (py-spy).
-    In front, the access log and metrics still see every request, and inference requests
-    are answered by ``InferFastPath`` with the application's own error map.
+    Not FastAPI's ``add_middleware``: that would put these layers inside FastAPI's stack
+    (server-error, body-limit and OpenTelemetry layers, then Starlette's exception
+    middleware), which every inference request crossed for nothing: about 7% of the event
+    loop's time under load (py-spy).
     """
 
-    front: ASGIApp | None = None
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.store = ModelStore(settings)
+        self.front = AccessMiddleware(
+            self._framework_call,
+            InferFastPath(self.store, errors=error_parts),
+            metrics=self.metrics,
+            store=self.store,
+            enabled=settings.access_log,
+        )
+        self._framework: FastAPI | None = None
+        self._framework_lock = threading.Lock()
+        self._framework_task: asyncio.Future[FastAPI] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.front is None or scope["type"] == "lifespan":
-            await super().__call__(scope, receive, send)
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            await self.front(scope, receive, send)
+
+    def framework(self) -> FastAPI:
+        """The FastAPI application, built on first use (thread-safe)."""
+        with self._framework_lock:
+            if self._framework is None:
+                from service.framework import build_framework  # the deferred import
+
+                self._framework = build_framework(self.settings, self.store, self.metrics)
+            return self._framework
+
+    def openapi(self) -> dict[str, Any]:
+        return self.framework().openapi()
+
+    async def _framework_call(self, scope: Scope, receive: Receive, send: Send) -> None:
+        framework = self._framework
+        if framework is None:
+            if self._framework_task is None:  # no lifespan ran (a bare ASGI call)
+                self._framework_task = asyncio.ensure_future(asyncio.to_thread(self.framework))
+            framework = await asyncio.shield(self._framework_task)
+        await framework(scope, receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        await receive()  # lifespan.startup
+        try:
+            await self._startup()
+        except Exception as exc:
+            log.exception("start-up failed")
+            await send({"type": "lifespan.startup.failed", "message": type(exc).__name__})
             return
-        scope["app"] = self  # what Starlette sets: handlers read app.state through it
-        await self.front(scope, receive, send)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()  # lifespan.shutdown
+        # uvicorn has finished the in-flight requests before this point; drain the queues.
+        await self.store.stop()
+        self.metrics.close()
+        await send({"type": "lifespan.shutdown.complete"})
 
-    async def framework(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """FastAPI itself: routing, dependencies, its middleware and exception handlers."""
-        await super().__call__(scope, receive, send)
-
-
-def error_parts(exc: NormserveError) -> tuple[int, str, dict[str, str]]:
-    """Status, message and extra headers for a domain error: the framework's handlers and
-    the inference fast path answer alike."""
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-    return status_for(exc), str(exc), headers
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(NormserveError)
-    async def domain_error(request: Request, exc: NormserveError) -> Response:
-        status, message, headers = error_parts(exc)
-        return error_response(status, message, headers or None)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}"
-            for e in exc.errors()
+    async def _startup(self) -> None:
+        started = time.perf_counter()
+        await asyncio.to_thread(self.store.load, self.metrics.on_batch)
+        self.store.start()
+        for name in self.store.names():
+            self.metrics.model_ready.labels(name).set(1 if name in self.store.served else 0)
+        log.info(
+            "serving %d model(s) from %s, ready=%s, start-up %.2f s",
+            len(self.store.served),
+            self.settings.repository,
+            self.store.ready,
+            time.perf_counter() - started,
         )
-        return error_response(400, f"invalid request: {problems}")
+        if self._framework_task is None:
+            self._framework_task = asyncio.ensure_future(asyncio.to_thread(self.framework))
+            self._framework_task.add_done_callback(_log_build_failure)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error")
+def _log_build_failure(task: asyncio.Future[Any]) -> None:
+    # Inference still serves; the other routes answer 500 and the log says why.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("building the FastAPI routes failed", exc_info=task.exception())
 
 
 # Request ids need to be unique, not secret: a random prefix per process and a counter cost
@@ -257,7 +199,7 @@ class AccessMiddleware:
                 await self.app(scope, receive, send_with_id)
         finally:
             seconds = time.perf_counter() - started
-            if route is not None:
+            if route is not None and route.inference:
                 self._observe(route, status, seconds)
             if self.enabled:
                 access_log.info(
@@ -282,6 +224,6 @@ class AccessMiddleware:
         self.metrics.on_request(label, route.protocol, status, seconds, known)
 
 
-def app_from_environment() -> FastAPI:
+def app_from_environment() -> NormserveApp:
     """The app from ``NORMSERVE_*`` variables: what each uvicorn worker process builds."""
     return create_app(Settings())

@@ -1,4 +1,5 @@
-"""Domain errors. No HTTP in here: service/app.py maps each class to a status code once."""
+"""Domain errors, and the one map from each to an HTTP status (``error_parts``): the
+inference fast path and the FastAPI handlers both answer through it."""
 
 from __future__ import annotations
 
@@ -49,3 +50,29 @@ class PayloadTooLarge(NormserveError):
 
 class ClientDisconnected(NormserveError):
     """The client went away before its answer; nobody reads the response (logged as 499)."""
+
+
+# Order matters: subclasses before their bases.
+STATUS: list[tuple[type[NormserveError], int]] = [
+    (InvalidInput, 400),
+    (ModelNotFound, 404),
+    (ResourceNotFound, 404),
+    (PayloadTooLarge, 413),
+    (Overloaded, 503),
+    (ModelNotReady, 503),
+    (DeadlineExceeded, 504),
+    # nginx's convention for 'client closed request': only the access log ever sees it.
+    (ClientDisconnected, 499),
+]
+
+
+def status_for(exc: NormserveError) -> int:
+    return next((status for kind, status in STATUS if isinstance(exc, kind)), 500)
+
+
+def error_parts(exc: NormserveError) -> tuple[int, str, dict[str, str]]:
+    """Status, message and extra headers for a domain error."""
+    headers = {}
+    if isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+    return status_for(exc), str(exc), headers

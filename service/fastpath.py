@@ -1,12 +1,14 @@
-"""Inference requests (V2 infer, V1 predict) answered in plain ASGI, without the framework.
+"""Inference and health requests answered in plain ASGI, without the framework.
 
 Profiled under load (py-spy, CIFAR CNN, 64 connections), FastAPI's routing, dependency
 solving and middleware took about half of the event loop's time per inference request, and
 Starlette's Request/Response objects (header parsing into ``Headers``, the response's
 header list) another ~15% of what was left. Inference needs none of it: this layer reads
 the two headers it uses from the ASGI scope, reads the body from ``receive``, calls the same
-``v2.infer_payload`` / ``v1.predict_payload`` the documented routes call, and sends the
-answer as two ASGI messages. Every other request goes on to FastAPI unchanged.
+``infer_payload`` / ``predict_payload`` (service.inference) the documented routes call, and
+sends the answer as two ASGI messages. The two health checks are answered here too, so a
+server is live and ready as soon as its models are, before FastAPI is loaded (service.app).
+Every other request goes on to FastAPI.
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from typing import Any
 
 import orjson
 
-from service import v1, v2
 from service.errors import NormserveError
+from service.inference import HEADER_LENGTH, infer_payload, predict_payload
 from service.store import ModelStore
 
 log = logging.getLogger("normserve")
@@ -38,27 +40,40 @@ INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 PREDICT_PATH = re.compile(r"/v1/models/([^/]+):predict")
 
 JSON = b"application/json"
-_HEADER_LENGTH = v2.HEADER_LENGTH.lower().encode()
+_HEADER_LENGTH = HEADER_LENGTH.encode()
+LIVE, READY = "/v2/health/live", "/v2/health/ready"
 
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    protocol: str  # "v2" | "v1": the metrics label
+    protocol: str  # "v2" | "v1": the metrics label; "health" for the two health checks
     model: str
-    version: str | None
+    version: str | None = None
+
+    @property
+    def inference(self) -> bool:
+        return self.protocol != "health"
+
+
+_HEALTH = {LIVE: Route("health", "live"), READY: Route("health", "ready")}
 
 
 def route_of(scope: Scope) -> Route | None:
-    """The inference request ``scope`` is, or None for anything the framework answers."""
-    if scope["type"] != "http" or scope["method"] != "POST":
+    """The request ``scope`` is, if answered here; None for anything the framework answers."""
+    if scope["type"] != "http":
         return None
     path: str = scope["path"]
+    method: str = scope["method"]
+    if method == "GET":
+        return _HEALTH.get(path)
+    if method != "POST":
+        return None
     if path.endswith("/infer"):
         match = INFER_PATH.fullmatch(path)
         return Route("v2", match[1], match[2]) if match else None
     if path.endswith(":predict"):
         match = PREDICT_PATH.fullmatch(path)
-        return Route("v1", match[1], None) if match else None
+        return Route("v1", match[1]) if match else None
     return None
 
 
@@ -71,6 +86,8 @@ class InferFastPath:
         self, route: Route, scope: Scope, receive: Receive, send: Send, request_id: bytes
     ) -> int:
         """Answers the request; returns the status sent."""
+        if not route.inference:
+            return await self._health(route, send, request_id)
         content_length = header_length = None
         for name, value in scope["headers"]:
             if name == b"content-length":
@@ -80,12 +97,12 @@ class InferFastPath:
         headers: RawHeaders
         try:
             if route.protocol == "v2":
-                payload, extra = await v2.infer_payload(
+                payload, extra = await infer_payload(
                     self.store, route.model, route.version, receive, content_length, header_length
                 )
                 headers = [(k.lower().encode(), v.encode()) for k, v in extra.items()]
             else:
-                payload = await v1.predict_payload(self.store, route.model, receive, content_length)
+                payload = await predict_payload(self.store, route.model, receive, content_length)
                 headers = [(b"content-type", JSON)]
             status = 200
         except NormserveError as exc:
@@ -98,6 +115,22 @@ class InferFastPath:
             status, payload, headers = 500, b'{"error":"internal error"}', [(b"content-type", JSON)]
         headers.append((b"content-length", str(len(payload)).encode()))
         headers.append((b"x-request-id", request_id))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return status
+
+    async def _health(self, route: Route, send: Send, request_id: bytes) -> int:
+        # What the documented routes in service.v2 answer (they are there for OpenAPI).
+        if route.model == "live":
+            status, payload = 200, b'{"live":true}'
+        else:
+            ready = self.store.ready
+            status, payload = (200 if ready else 503), orjson.dumps({"ready": ready})
+        headers = [
+            (b"content-type", JSON),
+            (b"content-length", str(len(payload)).encode()),
+            (b"x-request-id", request_id),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
         return status
