@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from service.codec import error_body
 from service.errors import NormserveError
 from service.inference import HEADER_LENGTH, infer_payload, predict_payload
 from service.store import ModelStore
@@ -107,16 +108,13 @@ class InferFastPath:
             status = 200
         except NormserveError as exc:
             status, message, extra = self.errors(exc)
-            payload = orjson.dumps({"error": message})
+            payload = error_body(message)
             headers = [(b"content-type", JSON)]
             headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         except Exception:
             log.exception("unhandled error on POST %s", scope["path"])
-            status, payload, headers = 500, b'{"error":"internal error"}', [(b"content-type", JSON)]
-        headers.append((b"content-length", str(len(payload)).encode()))
-        headers.append((b"x-request-id", request_id))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+            status, payload, headers = 500, error_body("internal error"), [(b"content-type", JSON)]
+        await _respond(send, status, payload, headers, request_id)
         return status
 
     async def _health(self, route: Route, send: Send, request_id: bytes) -> int:
@@ -126,11 +124,14 @@ class InferFastPath:
         else:
             ready = self.store.ready
             status, payload = (200 if ready else 503), orjson.dumps({"ready": ready})
-        headers = [
-            (b"content-type", JSON),
-            (b"content-length", str(len(payload)).encode()),
-            (b"x-request-id", request_id),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": payload})
+        await _respond(send, status, payload, [(b"content-type", JSON)], request_id)
         return status
+
+
+async def _respond(
+    send: Send, status: int, payload: bytes, headers: RawHeaders, request_id: bytes
+) -> None:
+    headers.append((b"content-length", str(len(payload)).encode()))
+    headers.append((b"x-request-id", request_id))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
@@ -17,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import ui, v1, v2
+from service.codec import error_body
 from service.errors import NormserveError, error_parts
 from service.metrics import Metrics
 from service.settings import Settings
@@ -52,9 +52,8 @@ def build_framework(settings: Settings, store: ModelStore, metrics: Metrics) -> 
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    # Every error is {"error": "..."}: what V2 clients (tritonclient) decode.
     return Response(
-        orjson.dumps({"error": message}),
+        error_body(message),
         status_code=status,
         media_type="application/json",
         headers=headers,

@@ -105,10 +105,6 @@ class Metrics:
         # Triton's statistics extension, kept in collectors too, so that with several
         # workers /v2/models/stats sums every process exactly as /metrics does (a dict per
         # process would answer with whichever worker the request reached).
-        # Labelled children, looked up once per label combination (see _children).
-        self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
-        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
-        self._execution_children: dict[tuple[str, int], tuple[Counter, Counter]] = {}
         self.outcomes = Counter(
             "normserve_model_requests",
             "Requests that reached a served model, by outcome (success|fail).",
@@ -140,6 +136,10 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="max",  # the latest of any worker
         )
+        # Labelled children, looked up once per label combination (see _children).
+        self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
+        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
+        self._execution_children: dict[tuple[str, int], tuple[Counter, Counter]] = {}
 
     @staticmethod
     def multiprocess() -> bool:
