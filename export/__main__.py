@@ -3,7 +3,7 @@
     python -m export build [--repository DIR] [--checkpoints DIR] [--models a,b] [--skip-existing]
     python -m export onnx --model pkg.module:factory --input-shape 3,32,32 --name NAME
                           [--checkpoint FILE] [--repository DIR] [--opset 18] ...
-    python -m export behavior [--out DIR] [--checkpoints DIR] [--no-docs-plot]
+    python -m export behavior [--out DIR] [--checkpoints DIR] [--docs-plot]
     python -m export quantize --model NAME [--name NEW_NAME] [--max-accuracy-drop 0.5]
     python -m export tune --model NAME [--threads N] [--rounds 5] [--dry-run]
 
@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     behavior.add_argument("--out", type=Path, default=DEFAULT_OUT)
     behavior.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-    behavior.add_argument("--no-docs-plot", action="store_true", help=f"do not rewrite {DOCS_PLOT}")
+    behavior.add_argument(
+        "--docs-plot", action="store_true", help=f"also rewrite the tracked {DOCS_PLOT}"
+    )
     behavior.add_argument(
         "--seeds", type=int, default=CURVE_SEEDS, help="seeds per variant, training curves"
     )
@@ -164,7 +166,7 @@ def _behavior(args: argparse.Namespace) -> int:
     run_behavior(
         args.out,
         args.checkpoints,
-        docs_plot=None if args.no_docs_plot else DOCS_PLOT,
+        docs_plot=DOCS_PLOT if args.docs_plot else None,
         seeds=args.seeds,
         epochs=args.epochs,
     )

@@ -62,12 +62,13 @@ def run_behavior(
     checkpoints: Path = DEFAULT_CHECKPOINTS,
     log: Log = _stderr,
     *,
-    docs_plot: Path | None = DOCS_PLOT,
+    docs_plot: Path | None = None,
     seeds: int = CURVE_SEEDS,
     epochs: int = CURVE_EPOCHS,
 ) -> dict[str, Any]:
     """Measure, then write report.json, the PNGs (the headline as ``REPORT_HEADLINE``) and
-    report.md into ``out_dir``, and copy the headline PNG to ``docs_plot`` unless None.
+    report.md into ``out_dir``, and copy the headline PNG to ``docs_plot`` when given (the
+    tracked README picture, so only on request).
     Returns the report dict."""
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -323,7 +323,7 @@ def test_command_writes_the_whole_report(
     out = tmp_path / "report"
     completed = subprocess.run(
         [sys.executable, "-m", "export", "behavior", "--out", str(out), "--checkpoints",
-         str(checkpoints), "--no-docs-plot", "--seeds", "1", "--epochs", "2"],
+         str(checkpoints), "--seeds", "1", "--epochs", "2"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
@@ -339,10 +339,30 @@ def test_command_writes_the_whole_report(
         assert f"]({name})" in markdown, name
         _png_size(out / name)
     after = docs_plot.stat().st_mtime_ns if docs_plot.exists() else None
-    assert after == before  # --no-docs-plot honoured
+    assert after == before  # the tracked plot is rewritten only with --docs-plot
     # The headline is written beside the other plots anyway: the web page serves it there.
     assert _png_size(out / REPORT_HEADLINE) == (900, 500)
     headline = tmp_path / "headline.png"
     write_headline(report, headline)
     assert _png_size(headline) == (900, 500)
     assert headline.stat().st_size <= 80_000
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [([], None), (["--docs-plot"], ROOT / "docs" / "behavior.png")],
+    ids=["default", "docs-plot"],
+)
+def test_tracked_docs_plot_is_written_only_when_asked(
+    flags: list[str], expected: Path | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented command must leave ``git status`` clean: docs/behavior.png is tracked."""
+    import importlib
+
+    cli = importlib.import_module("export.__main__")
+    calls: list[Path | None] = []
+    monkeypatch.setattr(
+        cli, "run_behavior", lambda *_a, docs_plot, **_k: calls.append(docs_plot) or {}
+    )
+    assert cli.main(["behavior", *flags]) == 0
+    assert [None if p is None else Path(p).resolve() for p in calls] == [expected]
