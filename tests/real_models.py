@@ -3,15 +3,13 @@
 Shared by the export tests (parity, folding): import it as ``real_models`` (tests/ is on
 pytest's pythonpath, like ``tiny_onnx``).
 
-torchvision: the 0.28.0 wheel that pairs with torch 2.13 is a CUDA build; beside the CPU torch
-its compiled ``_C`` extension does not load, and its meta registrations then call
-``register_fake("torchvision::nms")`` (and ``qnms``) unguarded, so ``import torchvision``
-raises "operator torchvision::nms does not exist". ``import_torchvision`` first tries to load
-``_C`` itself; only where that fails does it define the two schemas torchvision's import
-needs, in a ``torch.library.Library("torchvision", "FRAGMENT")``, with the signature of the
-compiled ones: ``(Tensor dets, Tensor scores, float iou_threshold) -> Tensor``. They get no
-kernel: classification and segmentation models never call NMS (detection models would, and
-would fail loudly).
+torchvision (and timm, which imports it): the 0.28.0 wheel that pairs with torch 2.13 is a
+CUDA build whose compiled ops do not load beside the CPU torch, and ``import torchvision`` then
+raises "operator torchvision::nms does not exist". ``benchmarks.torchvision_cpu`` (shared with
+the export-time benchmark) defines the ``nms`` and ``qnms`` op schemas that the import needs in
+a ``torch.library.Library("torchvision", "FRAGMENT")`` before importing it, signature
+``(Tensor dets, Tensor scores, float iou_threshold) -> Tensor``; classification and
+segmentation models never call them.
 
 Realistic statistics: BatchNorm's default running statistics (mean 0, variance 1) are far
 from what a random-init deep network's layers see, and random ones make many deep models
@@ -23,15 +21,15 @@ then perturbs the statistics slightly, so a fold that ignores them still shows.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from benchmarks.torchvision_cpu import import_torchvision
 
 SEED = 0
 CALIBRATION_BATCHES = 3
@@ -40,41 +38,14 @@ CALIBRATION_BATCH_SIZE = 8
 VARIANCE_SPREAD = 1.25
 MEAN_SHIFT = 0.1
 
-_schemas: torch.library.Library | None = None
-
-
-def import_torchvision() -> ModuleType:
-    """``torchvision``, importable beside the CPU torch (see the module docstring)."""
-    global _schemas
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.origin is None:
-        raise ModuleNotFoundError("torchvision is not installed: pip install -e '.[export,dev]'")
-    if _schemas is None and not _has_nms():
-        try:
-            torch.ops.load_library(str(next(Path(spec.origin).parent.glob("_C*.so"))))
-        except (OSError, StopIteration):
-            _schemas = torch.library.Library("torchvision", "FRAGMENT")
-            for op in ("nms", "qnms"):
-                _schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-    import torchvision
-
-    return torchvision
-
 
 def import_timm() -> ModuleType:
     """``timm``, offline: its factories never fetch weights here (``pretrained=False``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import_torchvision()  # timm imports torchvision
     import timm
 
     return timm
-
-
-def _has_nms() -> bool:
-    try:
-        torch.ops.torchvision.nms  # noqa: B018 (the lookup is the test)
-    except (AttributeError, RuntimeError):
-        return False
-    return True
 
 
 def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
