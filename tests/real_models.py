@@ -21,6 +21,7 @@ then perturbs the statistics slightly, so a fold that ignores them still shows.
 
 from __future__ import annotations
 
+import inspect
 import os
 from types import ModuleType
 from typing import Any
@@ -49,10 +50,13 @@ def import_timm() -> ModuleType:
 
 
 def torchvision_model(name: str, **kwargs: Any) -> nn.Module:
-    """torchvision's ``name`` with random weights (seeded), in eval mode."""
+    """torchvision's ``name`` with random weights (seeded, backbone too), in eval mode."""
     torchvision = import_torchvision()
+    builder = torchvision.models.get_model_builder(name)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs.setdefault("weights_backbone", None)  # its default downloads ImageNet weights
     torch.manual_seed(SEED)
-    model: nn.Module = torchvision.models.get_model(name, weights=None, **kwargs)
+    model: nn.Module = builder(weights=None, **kwargs)
     return model.eval()
 
 
