@@ -2,41 +2,52 @@
 
     python -m export build [--repository DIR] [--checkpoints DIR] [--models a,b] [--skip-existing]
     python -m export onnx --model pkg.module:factory --input-shape 3,32,32 --name NAME
-                          [--checkpoint FILE] [--repository DIR] [--opset 18] ...
+                          [--checkpoint FILE] [--repository DIR] [--opset 18] [--replace] ...
+    python -m export onnx --model path/to/net.py:factory --name NAME
+                          --input ids:INT64:16:0..999 --input mask:BOOL:16 ...
     python -m export behavior [--out DIR] [--checkpoints DIR] [--docs-plot]
     python -m export quantize --model NAME [--name NEW_NAME] [--max-accuracy-drop 0.5]
     python -m export tune --model NAME [--threads N] [--rounds 5] [--dry-run]
 
 Errors the user can fix are printed as one ``error:`` line (exit status 2), not a traceback.
+Installed, the same commands are ``normserve export ...`` (see export_cli).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from torch import nn
-
+# First of ours: it imports our models/service packages before a same-named package of the
+# current directory can shadow them (see export/cli_imports.py).
+from export import cli_imports
 from export.behavior_report import CURVE_EPOCHS, CURVE_SEEDS, DEFAULT_OUT, DOCS_PLOT, run_behavior
 from export.build import DEFAULT_CHECKPOINTS, DEFAULT_REPOSITORY, build_repository
-from export.checkpoint import CheckpointError, load_into
+from export.checkpoint import CheckpointError
+from export.cli_inputs import INPUT_HELP, parse_input, parse_shape
+from export.cli_onnx import run_onnx
 from export.fold import FoldError
-from export.publish import DEFAULT_MAX_BATCH, publish
+from export.publish import DEFAULT_MAX_BATCH
 from export.quantize import DEFAULT_MAX_DROP_POINTS, quantize_published
-from export.to_onnx import DEFAULT_OPSET, ExportError, export_onnx
+from export.to_onnx import DEFAULT_OPSET, ExportError
 from export.tune import tune
 from service.errors import RepositoryError
 
-USER_ERRORS = (ExportError, FoldError, CheckpointError, RepositoryError, ValueError, ImportError)
+USER_ERRORS = (
+    ExportError,
+    FoldError,
+    CheckpointError,
+    RepositoryError,
+    cli_imports.UserModelError,
+    ValueError,
+    ImportError,
+)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> int:
+    args = _parser(prog).parse_args(argv)
     try:
         return int(args.run(args))
     except USER_ERRORS as exc:
@@ -44,8 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__.split("\n")[0])
+def _parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", help="train (if needed) and export the default models")
@@ -58,24 +69,36 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(run=_build)
 
     onnx = sub.add_parser("onnx", help="export your own model into the repository")
-    onnx.add_argument("--model", required=True, help="pkg.module:factory returning an nn.Module")
-    onnx.add_argument("--checkpoint", type=Path, help=".safetensors, or a .pt/.pth state_dict")
     onnx.add_argument(
-        "--input-shape", required=True, type=_shape, help="per-sample shape, e.g. 3,32,32"
+        "--model",
+        required=True,
+        help="pkg.module:factory (found from the current directory) or path/to/file.py:factory "
+        "(its folder first on the path), returning an nn.Module",
     )
+    onnx.add_argument("--checkpoint", type=Path, help=".safetensors, or a .pt/.pth state_dict")
+    shapes = onnx.add_mutually_exclusive_group(required=True)
+    shapes.add_argument(
+        "--input-shape", type=parse_shape, help="one FP32 input's per-sample shape, e.g. 3,32,32"
+    )
+    shapes.add_argument("--input", action="append", type=parse_input, help=INPUT_HELP)
     onnx.add_argument("--name", required=True, help="model name in the repository")
     onnx.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET)
-    onnx.add_argument("--input-name", default="input")
-    onnx.add_argument("--output-name", default="output")
-    onnx.add_argument("--labels", type=_labels, help="comma-separated, or @FILE with one a line")
+    onnx.add_argument("--input-name", help="with --input-shape (default: input)")
+    onnx.add_argument(
+        "--output-name",
+        help="comma-separated, one per output (default: output, output_0,..., or a dict's keys)",
+    )
+    onnx.add_argument("--labels", help="comma-separated, or @FILE with one a line")
     onnx.add_argument("--description", default="")
     onnx.add_argument("--version", type=int, help="default: the next free version")
     onnx.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH)
     onnx.add_argument(
-        "--replace", action="store_true", help="replace a model of the same name and other I/O"
+        "--replace",
+        action="store_true",
+        help="replace a same-named model with other inputs/outputs (its versions are dropped)",
     )
-    onnx.set_defaults(run=_onnx)
+    onnx.set_defaults(run=run_onnx)
 
     behavior = sub.add_parser(
         "behavior", help="measure BatchNorm/LayerNorm in training and inference: the report"
@@ -127,39 +150,6 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx(args: argparse.Namespace) -> int:
-    model = _load_factory(args.model)
-    if args.checkpoint is not None:
-        load_into(model, args.checkpoint)
-    example = torch.randn(2, *args.input_shape)
-    with tempfile.TemporaryDirectory() as tmp:
-        report = export_onnx(
-            model,
-            example,
-            Path(tmp) / "model.onnx",
-            input_names=[args.input_name],
-            output_names=[args.output_name],
-            opset=args.opset,
-            labels=args.labels,
-            source=args.model,
-        )
-        for reason in report.kept_reasons.values():
-            print(f"note: {reason}", file=sys.stderr)
-        config = publish(
-            args.repository,
-            args.name,
-            report,
-            description=args.description,
-            labels=args.labels,
-            version=args.version,
-            max_batch_size=args.max_batch_size,
-            replace=args.replace,
-        )
-    print(report.summary())
-    print(f"{args.repository / args.name} version {config.latest.version}")
-    return 0
-
-
 def _behavior(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.epochs < 1:
         raise ValueError("--seeds and --epochs must be at least 1")
@@ -200,41 +190,8 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_factory(target: str) -> nn.Module:
-
-    module_name, sep, attr = target.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"--model must look like pkg.module:factory, got '{target}'")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # the current directory, as `python -c` would have it
-    module = importlib.import_module(module_name)
-    factory = getattr(module, attr, None)
-    if factory is None or not callable(factory):
-        raise ValueError(f"'{attr}' in {module_name} is missing or not callable")
-    model = factory()
-    if not isinstance(model, nn.Module):
-        raise ValueError(f"{target}() returned {type(model).__name__}, not a torch.nn.Module")
-    return model
-
-
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not like 3,32,32") from None
-    if not dims or any(d < 1 for d in dims):
-        raise argparse.ArgumentTypeError(f"dimensions must be positive, got '{text}'")
-    return dims
-
-
 def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
-
-
-def _labels(text: str) -> list[str]:
-    if text.startswith("@"):
-        return [line.strip() for line in Path(text[1:]).read_text().splitlines() if line.strip()]
-    return _names(text)
 
 
 if __name__ == "__main__":
