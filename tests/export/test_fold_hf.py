@@ -8,6 +8,7 @@ observes the data flow by running the model instead.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 from collections.abc import Callable
 from typing import Any
@@ -17,10 +18,15 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from benchmarks.torchvision_cpu import import_torchvision
 from export import fold_batchnorm_with_report
 
 # Set before transformers is imported: it reads the variable at import time.
 os.environ["HF_HUB_OFFLINE"] = "1"
+if importlib.util.find_spec("torchvision") is not None:
+    # transformers imports torchvision when it is installed; the CUDA wheel beside the CPU
+    # torch needs its op schemas defined first (see benchmarks.torchvision_cpu).
+    import_torchvision()
 transformers = pytest.importorskip("transformers")
 
 # Folded vs model.eval() logits: max|Δ| <= RTOL * max(1, max|logits|).
