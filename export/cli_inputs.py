@@ -72,7 +72,10 @@ def parse_input(text: str) -> InputSpec:
         raise argparse.ArgumentTypeError(
             f"'{text}': datatype '{parts[1]}' is not one of {', '.join(DATATYPES)}"
         )
-    spec = InputSpec(name, datatype, parse_shape(parts[2]))
+    try:
+        spec = InputSpec(name, datatype, parse_shape(parts[2]))
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"'{text}': {exc}") from None
     if len(parts) == 4:
         spec = InputSpec(name, datatype, spec.shape, _parse_range(parts[3], datatype, text))
     return spec

@@ -24,6 +24,9 @@ import torch
 from cli_runner import run_cli_in_process as run_in_process
 from safetensors.torch import save_file
 
+from export import cli_onnx
+from export.publish import LabelsMismatch, PublishError, SignatureConflict, publish
+from export.to_onnx import ExportReport, TensorInfo
 from service.repository import CONFIG_FILE, MODEL_FILE, list_models, read_config, verified_file
 
 USER_MODULE = "usermodels"
@@ -56,17 +59,23 @@ def tiny():
 
 def not_a_module():
     return {"weights": [1, 2, 3]}
+
+
+def marked():
+    """tiny(), leaving a file behind: a test sees whether the factory ever ran."""
+    open("factory_called", "w").close()
+    return tiny()
 '''
 INPUT_SHAPE = (3, 16, 16)
 LABELS = ["a", "b", "c", "d", "e"]
 
 
-def export_args(name: str = "tiny", *extra: str) -> list[str]:
+def export_args(name: str = "tiny", *extra: str, factory: str = "tiny") -> list[str]:
     """A successful export of the user's tiny model into ./repo, plus ``extra``."""
     return [
         "onnx",
         "--model",
-        f"{USER_MODULE}:tiny",
+        f"{USER_MODULE}:{factory}",
         "--input-shape",
         ",".join(map(str, INPUT_SHAPE)),
         "--name",
@@ -321,3 +330,212 @@ def test_help_lists_the_commands(workdir: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "build" in result.stdout
     assert "onnx" in result.stdout
+
+
+# --- mistakes found before the export starts ----------------------------------------------
+
+
+@pytest.fixture
+def exports(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the models export_onnx was called for: a refusal must leave it empty."""
+    calls: list[str] = []
+
+    def recording(model: torch.nn.Module, *args: object, **kwargs: object) -> ExportReport:
+        calls.append(type(model).__name__)
+        raise AssertionError("export_onnx ran although the command should have been refused")
+
+    monkeypatch.setattr(cli_onnx, "export_onnx", recording)
+    return calls
+
+
+@pytest.fixture
+def existing_tiny(
+    first_export: tuple[Path, subprocess.CompletedProcess[str]], workdir: Path
+) -> Path:
+    """workdir with ./repo holding 'tiny' (input [-1, 3, 16, 16], output [-1, 5])."""
+    directory, result = first_export
+    assert result.returncode == 0, result.stderr
+    shutil.copytree(directory / "repo", workdir / "repo")
+    return workdir
+
+
+@pytest.mark.parametrize(
+    ("name", "extra", "fragments"),
+    [
+        ("tiny", ["--labels", "@missing.txt"], ["--labels", "missing.txt", "No such file"]),
+        ("no/slash", [], ["model name 'no/slash'", "letters, digits"]),
+        (".hidden", [], ["model name '.hidden'", "starting with a letter or digit"]),
+        ("tiny", ["--version", "0"], ["version 0", "from 1"]),
+    ],
+)
+def test_mistake_is_refused_before_the_model_is_built(
+    workdir: Path, name: str, extra: list[str], fragments: list[str]
+) -> None:
+    result = run_cli_in_process(workdir, *export_args(name, *extra, factory="marked"))
+    assert_user_error(result, *fragments)
+    assert_one_line_error(result)
+    assert not (workdir / "factory_called").exists()
+    assert not (workdir / "repo").exists()
+
+
+def test_labels_file_is_read_one_label_a_line(workdir: Path, exports: list[str]) -> None:
+    (workdir / "labels.txt").write_text("cat\n\ndog\n  bird \n")
+    result = run_cli_in_process(workdir, *export_args("tiny", "--labels", "@labels.txt"))
+    # Read (3 labels, blank lines skipped) and held against the 5 columns before any export.
+    assert_user_error(result, "3 labels", "no output has 3 columns", "'output' [-1, 5]")
+    assert_one_line_error(result)
+    assert exports == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragments"),
+    [
+        (["--labels", "a,b"], ["2 labels", "no output has 2 columns", "'output' [-1, 5]"]),
+        (["--input-shape", "2,16,16"], ["fails on example inputs", "input:FP32[2, 2, 16, 16]"]),
+        (["--output-name", "a,b"], ["--output-name", "2 names for 1 outputs"]),
+    ],
+)
+def test_mistake_is_refused_after_one_forward_before_the_export(
+    workdir: Path, exports: list[str], extra: list[str], fragments: list[str]
+) -> None:
+    result = run_cli_in_process(workdir, *export_args("tiny", *extra, factory="marked"))
+    assert_user_error(result, *fragments)
+    assert_one_line_error(result)
+    assert (workdir / "factory_called").exists()  # the model was built and run once
+    assert exports == []
+    assert not (workdir / "repo").exists()
+
+
+def test_existing_model_with_other_inputs_is_refused_before_the_model_is_built(
+    existing_tiny: Path,
+) -> None:
+    before = (existing_tiny / "repo" / "tiny" / CONFIG_FILE).read_bytes()
+    result = run_cli_in_process(
+        existing_tiny, *export_args("tiny", "--input-shape", "3,8,8", factory="marked")
+    )
+    assert_user_error(
+        result, "'tiny' already exists", "input:FP32[-1, 3, 16, 16]", "[-1, 3, 8, 8]", "--replace"
+    )
+    assert_one_line_error(result)
+    assert not (existing_tiny / "factory_called").exists()
+    assert (existing_tiny / "repo" / "tiny" / CONFIG_FILE).read_bytes() == before
+
+
+def test_existing_model_with_other_outputs_is_refused_before_the_export(
+    existing_tiny: Path, exports: list[str]
+) -> None:
+    result = run_cli_in_process(existing_tiny, *export_args("tiny", "--output-name", "logits"))
+    assert_user_error(result, "'tiny' already exists", "output:FP32[-1, 5]", "logits", "--replace")
+    assert_one_line_error(result)
+    assert exports == []
+
+
+def test_replace_installs_the_new_signature_as_the_only_version(existing_tiny: Path) -> None:
+    result = run_cli_in_process(
+        existing_tiny, *export_args("tiny", "--input-shape", "3,8,8", "--replace")
+    )
+    assert result.returncode == 0, result.stderr
+    config = read_config(existing_tiny / "repo" / "tiny" / CONFIG_FILE)
+    assert config.inputs[0].shape == [-1, 3, 8, 8]
+    assert [v.version for v in config.versions] == [2]  # the next number; version 1 dropped
+    assert not (existing_tiny / "repo" / "tiny" / "1").exists()
+    verified_file(existing_tiny / "repo", config, config.latest)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fragment"),
+    [
+        ("ids:INT9:16", "datatype 'INT9' is not one of"),
+        ("ids:INT32", "is not like NAME:DATATYPE:SHAPE"),
+        ("ids:INT32:16,x", "shape '16,x'"),
+        ("ids:INT32:16:9..1", "range '9..1'"),
+        ("ids:UINT8:16:0..300", "does not fit UINT8 (0..255)"),
+        ("flag:BOOL:4:0..1", "BOOL takes no range"),
+    ],
+)
+def test_malformed_input_is_an_argparse_error(workdir: Path, spec: str, fragment: str) -> None:
+    result = run_cli_in_process(
+        workdir, "onnx", "--model", f"{USER_MODULE}:marked", "--input", spec, "--name", "x"
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "usage:" in result.stderr
+    assert f"argument --input: '{spec}'" in result.stderr
+    assert fragment in result.stderr
+    assert not (workdir / "factory_called").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--input", "a:FP32:3", "--input", "a:INT64:3"], "--input names must be unique"),
+        (["--input", "a:FP32:3", "--input-name", "b"], "--input-name goes with --input-shape"),
+    ],
+)
+def test_inconsistent_inputs_are_refused(workdir: Path, args: list[str], fragment: str) -> None:
+    result = run_cli_in_process(
+        workdir, "onnx", "--model", f"{USER_MODULE}:marked", *args, "--name", "x"
+    )
+    assert_user_error(result, fragment)
+    assert_one_line_error(result)
+    assert not (workdir / "factory_called").exists()
+
+
+def test_input_and_input_shape_exclude_each_other(workdir: Path) -> None:
+    result = run_cli_in_process(
+        workdir, *export_args("tiny", "--input", "input:FP32:3,16,16", factory="marked")
+    )
+    assert result.returncode == 2
+    assert "not allowed with argument" in result.stderr
+    assert not (workdir / "factory_called").exists()
+
+
+def test_missing_user_module_names_the_folder(workdir: Path) -> None:
+    result = run_cli_in_process(
+        workdir, "onnx", "--model", "nosuchmodule:f", "--input-shape", "3", "--name", "x"
+    )
+    assert_user_error(result, "no module 'nosuchmodule'", str(workdir), "path/to/file.py")
+    assert_one_line_error(result)
+
+
+# --- the Python API refuses what the command line refuses ---------------------------------
+
+
+def fake_report(path: Path, outputs: list[TensorInfo]) -> ExportReport:
+    """A report as export_onnx returns it, for a file that never existed."""
+    return ExportReport(
+        path=path, opset=18, bn_folded=0, bn_kept=0, kept_reasons={}, batchnorm_nodes=0,
+        layernorm_nodes=0, dropout_nodes=0, nodes_before=1, nodes_after=1, params_before=0,
+        params_after=0, parity_max_abs_error=0.0, parity_bound=1e-5, parity_batches=[1],
+        inputs=[TensorInfo("input", "FP32", [-1, 4])], outputs=outputs,
+    )  # fmt: skip
+
+
+def test_publish_refuses_labels_that_match_no_output_width(tmp_path: Path) -> None:
+    report = fake_report(tmp_path / "never.onnx", [TensorInfo("logits", "FP32", [-1, 10])])
+    with pytest.raises(LabelsMismatch, match=r"3 labels, but no output has 3 columns") as caught:
+        publish(tmp_path / "repo", "m", report, labels=["a", "b", "c"])
+    assert isinstance(caught.value, ValueError)
+    assert "'logits' [-1, 10]" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_publish_refuses_a_name_the_repository_refuses(tmp_path: Path) -> None:
+    report = fake_report(tmp_path / "never.onnx", [TensorInfo("logits", "FP32", [-1, 10])])
+    with pytest.raises(PublishError, match=r"model name '\.\./up' is not allowed"):
+        publish(tmp_path / "repo", "../up", report)
+    assert not (tmp_path / "repo").exists()
+
+
+def test_publish_refuses_another_signature_unless_replace(
+    first_export: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    directory, result = first_export
+    assert result.returncode == 0, result.stderr
+    repo = shutil.copytree(directory / "repo", tmp_path / "repo")
+    before = (repo / "tiny" / CONFIG_FILE).read_bytes()
+    report = fake_report(tmp_path / "never.onnx", [TensorInfo("output", "FP32", [-1, 5])])
+    with pytest.raises(SignatureConflict, match=r"replace=True"):
+        publish(repo, "tiny", report)
+    assert (repo / "tiny" / CONFIG_FILE).read_bytes() == before
