@@ -4,9 +4,13 @@
 not depend on which exporter or optimizer ran), exports the folded eval-mode copy with a
 dynamic batch axis into one self-contained file, runs ``onnx.checker`` with the full check,
 verifies the written opset, the absence of training-mode nodes and that every LayerNorm call
-became a ``LayerNormalization`` node, and finally compares onnxruntime (graph optimizations
-disabled, so the exported graph's own numbers are checked) with the original PyTorch model
-in eval mode at several batch sizes. Any miss raises a named error that says by how much.
+became a ``LayerNormalization`` node, and finally runs the file in onnxruntime (graph
+optimizations disabled, so the exported graph's own numbers are checked) beside the original
+PyTorch model in eval mode and a float64 copy of it, at batch sizes sized to the input
+(export.parity has the rule). Any miss raises a named error that says by how much.
+
+Time: one export (the unfolded one only when ``unfolded_path`` asks for it), one checker pass,
+one write; parity batches hold at most ``PARITY_MAX_ELEMENTS`` input values each.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import copy
 import io
 import json
 import logging
-import tempfile
+import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,16 +31,22 @@ import numpy as np
 import onnx
 import torch
 from torch import nn
+from torch.utils import _pytree
 
 from export.fold import FoldReport, fold_batchnorm_with_report
+from export.parity import (
+    ParityResult,
+    ParityRule,
+    check_parity,
+    default_batches,
+    flatten_outputs,
+    parity_cases,
+)
 
-MIN_OPSET = 17  # LayerNormalization is an ONNX operator from opset 17 on.
+MIN_OPSET = 17  # LayerNorm is an ONNX operator from opset 17 on.
 DEFAULT_OPSET = 18
-# Parity bound: max|ort - torch| <= PARITY_RTOL * max(1, max|torch|). Relative to the output's
-# magnitude because folded weights can be large when running variances are tiny.
-PARITY_RTOL = 1e-5
-PARITY_BATCHES = (1, 7, 64)
-PARITY_SEED = 0
+# torch.export specializes a size-1 axis to a constant, so the export runs at batch 2.
+EXPORT_BATCH = 2
 
 _TORCH_TO_V2 = {
     torch.float32: "FP32", torch.float16: "FP16", torch.float64: "FP64", torch.int64: "INT64",
@@ -58,7 +68,7 @@ class BatchDependentError(ExportError):
 
 
 class ParityError(ExportError):
-    """onnxruntime's outputs differ from PyTorch's by more than the bound."""
+    """onnxruntime's outputs differ from the reference by more than the bound (export.parity)."""
 
 
 @dataclass
@@ -80,28 +90,59 @@ class ExportReport:
     batchnorm_nodes: int
     layernorm_nodes: int
     dropout_nodes: int
-    # The unfolded eval model exported without the exporter's optimizer (each BN its own node)
-    # versus the file written; params counts the initializer elements of each.
-    nodes_before: int
+    # nodes/params "before": the unfolded eval model exported without the exporter's optimizer
+    # (each BN its own node), only when ``unfolded_path`` asked for that file (None otherwise:
+    # it costs a second export); "after": the file written. params count initializer elements.
+    nodes_before: int | None
     nodes_after: int
-    params_before: int
+    params_before: int | None
     params_after: int
+    # The check closest to its bound (export.parity): the file's max|Δ| from the reference
+    # (float64, or PyTorch float32 in the fallback), PyTorch float32's own max|Δ| from float64
+    # (None in the fallback) and the bound the file was held to.
     parity_max_abs_error: float
     parity_bound: float
     parity_batches: list[int]
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     metadata: dict[str, str] = field(default_factory=dict)
+    parity_torch_error: float | None = None
+    # Why there was no float64 reference (the fallback bound was used), or None.
+    parity_fallback: str | None = None
+    # Wall-clock seconds per phase: fold, export, parity, write (and unfolded when asked).
+    seconds: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> str:
+        nodes = (
+            f"{self.nodes_after}"
+            if self.nodes_before is None
+            else f"{self.nodes_before}→{self.nodes_after}"
+        )
         return (
-            f"parity max|Δ|={self.parity_max_abs_error:.1e} (bound {self.parity_bound:.1e}, "
-            f"batches {','.join(map(str, self.parity_batches))}), "
+            f"{self.parity_summary()}, "
             f"BN folded {self.bn_folded}/{self.bn_folded + self.bn_kept}, "
             f"BatchNormalization {self.batchnorm_nodes}, "
             f"LayerNormalization {self.layernorm_nodes}, "
-            f"nodes {self.nodes_before}→{self.nodes_after}, opset {self.opset}"
+            f"nodes {nodes}, opset {self.opset}"
         )
+
+    def parity_summary(self) -> str:
+        batches = ",".join(map(str, self.parity_batches))
+        if self.parity_fallback is not None or self.parity_torch_error is None:
+            return (
+                f"parity max|Δ| vs torch fp32 {self.parity_max_abs_error:.1e} (bound "
+                f"{self.parity_bound:.1e}, batches {batches}; no float64 reference: "
+                f"{self.parity_fallback})"
+            )
+        return (
+            f"parity max|Δ| vs float64: file {self.parity_max_abs_error:.1e}, torch fp32 "
+            f"{self.parity_torch_error:.1e} (bound {self.parity_bound:.1e}, batches {batches})"
+        )
+
+    def timing(self) -> str:
+        """One line: the total and each phase's seconds."""
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in self.seconds.items() if k != "total")
+        return f"export took {self.seconds.get('total', 0.0):.1f} s ({phases})"
 
 
 def export_onnx(
@@ -113,8 +154,8 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     opset: int = DEFAULT_OPSET,
     samples: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
-    parity_batches: Sequence[int] = PARITY_BATCHES,
-    parity_rtol: float = PARITY_RTOL,
+    parity_batches: Sequence[int] | None = None,
+    parity_rule: ParityRule | None = None,
     labels: Sequence[str] | None = None,
     source: str = "",
     metadata: Mapping[str, str] | None = None,
@@ -124,14 +165,92 @@ def export_onnx(
     """Export ``model`` (any mode; never changed) to one ONNX file at ``path``.
 
     ``example_input`` holds batched example tensors (axis 0 is the batch axis, exported as
-    dynamic). ``samples`` are real inputs added to the parity check. Raises ``ExportError``
-    subclasses when the result would not be the eval-mode model's function.
+    dynamic). The model may return a tensor, or a dict / namedtuple / (nested) tuple of them:
+    the outputs are named after the keys (``out``, ``aux``; nested ``a.b``, ``a_0``) unless
+    ``output_names`` gives one name per tensor. ``samples`` are real inputs added to the parity
+    check; ``parity_batches`` replaces the batch sizes sized to the input, ``parity_rule`` the
+    default bound (export.parity). Raises ``ExportError`` subclasses when the result would not
+    be the eval-mode model's function.
 
     ``parity_reference``: the module whose outputs the file must match, when that is not
     ``model`` in eval mode (export.batchstats holds its explicit graph against torch's own
     training-mode BatchNorm); called as given, under ``no_grad``.
     """
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
     path = Path(path)
+    args, input_names = _arguments(example_input, input_names, opset)
+    reference = copy.deepcopy(model).eval()
+    parity_against = reference if parity_reference is None else parity_reference
+    # Folding and the output probe watch the data flow at the export's batch size: at batch 1
+    # a BatchNorm without running statistics raises before it could be refused by name.
+    export_args = tuple(_resize_batch(a, EXPORT_BATCH) for a in args)
+    with _timed(seconds, "fold"):
+        folded, fold_report = fold_batchnorm_with_report(model, export_args)
+    _refuse_batch_dependent(fold_report, folded)
+    out, ln_calls = _forward_counting_layernorm(reference, export_args)
+    outputs = _output_tensors(out)
+    output_names = _output_names(out, output_names)
+
+    before: onnx.ModelProto | None = None
+    if unfolded_path is not None:
+        with _timed(seconds, "unfolded"):
+            before = _export_proto(reference, export_args, input_names, output_names, opset, False)
+            _check(before)
+            _write(before, Path(unfolded_path), {"normserve.source": "unfolded reference"})
+    with _timed(seconds, "export"):
+        proto = _export_proto(folded, export_args, input_names, output_names, opset, True)
+    with _timed(seconds, "check"):
+        _check_graph(proto, opset, ln_calls)
+
+    batches = list(parity_batches) if parity_batches is not None else default_batches(args)
+    cases = parity_cases(args, batches, samples)
+    with _timed(seconds, "parity"):
+        result = _parity(parity_against, proto, cases, output_names, parity_rule or ParityRule())
+    worst = result.worst
+    meta = {
+        "normserve.source": source or type(model).__qualname__,
+        "normserve.bn_folded": f"{len(fold_report.folded)}/{fold_report.total}",
+        **({"normserve.labels": json.dumps(list(labels))} if labels is not None else {}),
+        **(metadata or {}),
+        "normserve.parity_max_abs_error": f"{worst.file_error:.3e}",
+        "normserve.parity_reference": result.reference,
+    }
+    with _timed(seconds, "write"):
+        _write(proto, path, meta)
+    seconds["total"] = time.perf_counter() - started
+    ops = [n.op_type for n in proto.graph.node]
+    return ExportReport(
+        path=path,
+        opset=opset,
+        bn_folded=len(fold_report.folded),
+        bn_kept=len(fold_report.kept),
+        kept_reasons=dict(fold_report.kept),
+        batchnorm_nodes=ops.count("BatchNormalization"),
+        layernorm_nodes=ops.count("LayerNormalization"),
+        dropout_nodes=ops.count("Dropout"),
+        nodes_before=None if before is None else len(before.graph.node),
+        nodes_after=len(ops),
+        params_before=None if before is None else _count_params(before),
+        params_after=_count_params(proto),
+        parity_max_abs_error=worst.file_error,
+        parity_bound=worst.bound,
+        parity_batches=[_batch(case) for case in cases],
+        inputs=[_info(n, a) for n, a in zip(input_names, args, strict=True)],
+        outputs=[_info(n, o) for n, o in zip(output_names, outputs, strict=True)],
+        metadata=meta,
+        parity_torch_error=worst.torch_error,
+        parity_fallback=result.fallback,
+        seconds=seconds,
+    )
+
+
+def _arguments(
+    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    input_names: Sequence[str] | None,
+    opset: int,
+) -> tuple[tuple[torch.Tensor, ...], list[str]]:
+    """The example tensors and their names; refused before anything is exported."""
     args = example_input if isinstance(example_input, tuple) else (example_input,)
     if opset < MIN_OPSET:
         raise OpsetError(
@@ -140,74 +259,19 @@ def export_onnx(
         )
     if any(not isinstance(a, torch.Tensor) or a.dim() == 0 for a in args):
         raise ExportError("example_input must be batched tensors (axis 0 is the batch axis)")
-    input_names = list(input_names or _default_names("input", len(args)))
-    if len(input_names) != len(args):
-        raise ExportError(f"{len(input_names)} input names for {len(args)} inputs")
-    reference = copy.deepcopy(model).eval()
-    parity_against = reference if parity_reference is None else parity_reference
-    folded, fold_report = fold_batchnorm_with_report(model, args)
-    _refuse_batch_dependent(fold_report, folded)
-    # Export at batch 2: torch.export specializes a size-1 axis to a constant.
-    export_args = tuple(_resize_batch(a, 2) for a in args)
-    with torch.no_grad():
-        out = _as_tuple(reference(*export_args))
-    output_names = list(output_names or _default_names("output", len(out)))
-    if len(output_names) != len(out):
-        raise ExportError(f"{len(output_names)} output names for {len(out)} outputs")
+    names = list(input_names or _default_names("input", len(args)))
+    if len(names) != len(args):
+        raise ExportError(f"{len(names)} input names for {len(args)} inputs")
+    return args, names
 
-    before = _export_proto(reference, export_args, input_names, output_names, opset, False)
-    if unfolded_path is not None:
-        _save(before, Path(unfolded_path), {"normserve.source": "unfolded reference"})
-    proto = _export_proto(folded, export_args, input_names, output_names, opset, True)
-    written = {o.domain: o.version for o in proto.opset_import}.get("", 0)
-    if written != opset:
-        raise OpsetError(
-            f"asked for opset {opset} but the exporter wrote {written}; choose an opset the "
-            f"exporter supports (18 and above convert reliably)"
-        )
-    ops = [n.op_type for n in proto.graph.node]
-    _refuse_training_nodes(proto)
-    ln_calls = _count_layernorm_calls(reference, export_args)
-    if ops.count("LayerNormalization") < ln_calls:
-        raise ExportError(
-            f"{ln_calls} LayerNorm calls became only {ops.count('LayerNormalization')} "
-            "LayerNormalization nodes: the exporter decomposed LayerNorm"
-        )
 
-    meta = {
-        "normserve.source": source or type(model).__qualname__,
-        "normserve.bn_folded": f"{len(fold_report.folded)}/{fold_report.total}",
-        **({"normserve.labels": json.dumps(list(labels))} if labels is not None else {}),
-        **(metadata or {}),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    batches = list(parity_batches)
-    with tempfile.TemporaryDirectory() as tmp:
-        candidate = Path(tmp) / "model.onnx"
-        _save(proto, candidate, meta)
-        error, bound = _parity(parity_against, candidate, args, samples, batches, parity_rtol)
-        meta["normserve.parity_max_abs_error"] = f"{error:.3e}"
-        _save(proto, path, meta)
-    return ExportReport(
-        path=path,
-        opset=written,
-        bn_folded=len(fold_report.folded),
-        bn_kept=len(fold_report.kept),
-        kept_reasons=dict(fold_report.kept),
-        batchnorm_nodes=ops.count("BatchNormalization"),
-        layernorm_nodes=ops.count("LayerNormalization"),
-        dropout_nodes=ops.count("Dropout"),
-        nodes_before=len(before.graph.node),
-        nodes_after=len(ops),
-        params_before=_count_params(before),
-        params_after=_count_params(proto),
-        parity_max_abs_error=error,
-        parity_bound=bound,
-        parity_batches=batches + ([int(_batch(samples))] if samples is not None else []),
-        inputs=[_info(n, a) for n, a in zip(input_names, args, strict=True)],
-        outputs=[_info(n, o) for n, o in zip(output_names, out, strict=True)],
-        metadata=meta,
-    )
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[phase] = time.perf_counter() - start
 
 
 # ---------------------------------------------------------------------------- export
@@ -263,26 +327,51 @@ def _export_proto(
     return program.model_proto
 
 
-def _save(proto: onnx.ModelProto, path: Path, meta: Mapping[str, str]) -> None:
+def _check_graph(proto: onnx.ModelProto, opset: int, layernorm_calls: int) -> None:
+    """The written opset, no training-mode nodes, each LayerNorm call one node, the checker."""
+    written = {o.domain: o.version for o in proto.opset_import}.get("", 0)
+    if written != opset:
+        raise OpsetError(
+            f"asked for opset {opset} but the exporter wrote {written}; choose an opset the "
+            f"exporter supports (18 and above convert reliably)"
+        )
+    _refuse_training_nodes(proto)
+    nodes = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
+    if nodes < layernorm_calls:
+        raise ExportError(
+            f"{layernorm_calls} LayerNorm calls became only {nodes} LayerNormalization nodes: "
+            "the exporter decomposed LayerNorm"
+        )
+    _check(proto)
+
+
+def _check(proto: onnx.ModelProto) -> None:
+    """The full checker (with shape inference), once, on the model in memory."""
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except Exception as exc:  # the checker raises several unrelated exception types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(
+            f"the exported graph fails onnx.checker: {first}; the model probably hard-codes "
+            "a batch-dependent shape (squeeze/reshape on axis 0?)"
+        ) from exc
+
+
+def _write(proto: onnx.ModelProto, path: Path, meta: Mapping[str, str]) -> None:
     model = onnx.ModelProto()
     model.CopyFrom(proto)
     del model.metadata_props[:]
     for key, value in sorted(meta.items()):
         model.metadata_props.add(key=key, value=value)
     # One self-contained file: the service and clients load it without a sidecar .data file.
-    # Written beside the target and renamed only once the checker accepts it.
+    # Written beside the target and renamed, so a reader never sees half a file.
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    onnx.save_model(model, str(tmp), save_as_external_data=False)
     try:
-        onnx.checker.check_model(str(tmp), full_check=True)
-    except Exception as exc:  # the checker raises several unrelated exception types
+        onnx.save_model(model, str(tmp), save_as_external_data=False)
+        tmp.replace(path)
+    finally:
         tmp.unlink(missing_ok=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ExportError(
-            f"the exported graph fails onnx.checker: {first}; the model probably hard-codes "
-            "a batch-dependent shape (squeeze/reshape on axis 0?)"
-        ) from exc
-    tmp.replace(path)
 
 
 def _refuse_training_nodes(proto: onnx.ModelProto) -> None:
@@ -312,7 +401,10 @@ def _refuse_batch_dependent(report: FoldReport, folded: nn.Module) -> None:
             )
 
 
-def _count_layernorm_calls(model: nn.Module, args: tuple[torch.Tensor, ...]) -> int:
+def _forward_counting_layernorm(
+    model: nn.Module, args: tuple[torch.Tensor, ...]
+) -> tuple[Any, int]:
+    """The model's output on ``args`` and how many LayerNorm calls made it (one forward)."""
     calls = 0
 
     def hook(*_: Any) -> None:
@@ -324,11 +416,11 @@ def _count_layernorm_calls(model: nn.Module, args: tuple[torch.Tensor, ...]) -> 
     ]
     try:
         with torch.no_grad():
-            model(*args)
+            out = model(*args)
     finally:
         for h in handles:
             h.remove()
-    return calls
+    return out, calls
 
 
 def _count_params(proto: onnx.ModelProto) -> int:
@@ -340,70 +432,74 @@ def _count_params(proto: onnx.ModelProto) -> int:
 
 def _parity(
     reference: nn.Module,
-    onnx_path: Path,
-    args: tuple[torch.Tensor, ...],
-    samples: torch.Tensor | tuple[torch.Tensor, ...] | None,
-    batches: list[int],
-    rtol: float,
-) -> tuple[float, float]:
-    """(max abs error, bound) of onnxruntime against PyTorch; raises ParityError on a miss."""
+    proto: onnx.ModelProto,
+    cases: list[tuple[torch.Tensor, ...]],
+    output_names: list[str],
+    rule: ParityRule,
+) -> ParityResult:
+    """export.parity's check of ``proto`` in onnxruntime; ParityError on a miss."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     # Disabled so that the exported graph's own numbers are checked, not ORT's fusions of it.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    generator = torch.Generator().manual_seed(PARITY_SEED)
-    cases = [tuple(_random_like(a, b, generator) for a in args) for b in batches]
-    if samples is not None:
-        cases.append(samples if isinstance(samples, tuple) else (samples,))
-    worst_error, worst_bound, worst_ratio = 0.0, 0.0, -1.0
-    for case in cases:
-        with torch.no_grad():
-            expected = [t.double().numpy() for t in _as_tuple(reference(*case))]
-        feeds = {n: a.numpy() for n, a in zip(names, case, strict=True)}
-        actual = session.run(None, feeds)
-        for want, got in zip(expected, actual, strict=True):
-            if got.shape != want.shape:
-                raise ParityError(
-                    f"output shape {list(got.shape)} from onnxruntime differs from PyTorch's "
-                    f"{list(want.shape)} at batch {_batch(case)}"
-                )
-            error = float(np.max(np.abs(got.astype(np.float64) - want))) if want.size else 0.0
-            bound = rtol * max(1.0, float(np.max(np.abs(want))) if want.size else 0.0)
-            if not np.isfinite(error) or error > bound:
-                raise ParityError(
-                    f"onnxruntime differs from PyTorch at batch {_batch(case)}: "
-                    f"max|Δ|={error:.3e} exceeds the bound {bound:.3e} by {error / bound:.1f}x"
-                )
-            if error / bound > worst_ratio:
-                worst_error, worst_bound, worst_ratio = error, bound, error / bound
-    return worst_error, worst_bound
-
-
-def _random_like(example: torch.Tensor, batch: int, generator: torch.Generator) -> torch.Tensor:
-    shape = (batch, *example.shape[1:])
-    if example.is_floating_point():
-        return torch.randn(shape, generator=generator, dtype=torch.float64).to(example.dtype)
-    if example.dtype == torch.bool:
-        return torch.randint(0, 2, shape, generator=generator).bool()
-    high = int(example.max()) + 1 if example.numel() else 2
-    return torch.randint(0, max(high, 2), shape, generator=generator, dtype=example.dtype)
+    try:
+        session = ort.InferenceSession(
+            proto.SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        result = check_parity(reference, session, cases, output_names, rule)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ParityError(f"onnxruntime cannot run the exported file: {exc}") from exc
+    if result.failure is not None:
+        raise ParityError(result.failure)
+    return result
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _as_tuple(out: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(out, torch.Tensor):
-        return (out,)
-    if isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
-        return tuple(out)
-    raise ExportError(
-        f"the model returns {type(out).__name__}; export needs a tensor or a tuple of tensors"
-    )
+def _output_tensors(out: Any) -> list[torch.Tensor]:
+    leaves = flatten_outputs(out)
+    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
+        kinds = sorted({type(t).__name__ for t in leaves if not isinstance(t, torch.Tensor)})
+        raise ExportError(
+            f"the model returns {type(out).__name__} holding {', '.join(kinds) or 'nothing'}; "
+            "export needs tensors (alone, or in a dict, namedtuple, list or tuple)"
+        )
+    return leaves
+
+
+def _output_names(out: Any, given: Sequence[str] | None) -> list[str]:
+    """``given``, or names from the output's structure: ``output`` for a tensor,
+    ``output_0..`` for a tuple, dict keys and namedtuple fields (nested: ``a.b``, ``a_0``)."""
+    paths = [path for path, _ in _pytree.tree_flatten_with_path(out)[0]]
+    if given is not None:
+        names = list(given)
+        if len(names) != len(paths):
+            raise ExportError(f"{len(names)} output names for {len(paths)} outputs")
+    else:
+        names = [_name_of(path) for path in paths]
+        if len(paths) == 1 and not isinstance(out, dict):
+            names = ["output"]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ExportError(f"output names {duplicates} repeat; give output_names explicitly")
+    return names
+
+
+def _name_of(path: tuple[Any, ...]) -> str:
+    name = ""
+    for key in path:
+        if isinstance(key, _pytree.SequenceKey):
+            name = f"{name or 'output'}_{key.idx}"
+        elif isinstance(key, _pytree.MappingKey):
+            name = f"{name}.{key.key}" if name else str(key.key)
+        elif isinstance(key, _pytree.GetAttrKey):
+            name = f"{name}.{key.name}" if name else key.name
+        else:  # a container type registered elsewhere: its own rendering
+            name = f"{name}{key}"
+    return name or "output"
 
 
 def _resize_batch(t: torch.Tensor, batch: int) -> torch.Tensor:

@@ -26,11 +26,14 @@ from export.batchstats import (
     torch_batch_statistics,
     with_batch_statistics,
 )
-from export.to_onnx import PARITY_RTOL, BatchDependentError, ParityError, export_onnx
+from export.to_onnx import BatchDependentError, ParityError, export_onnx
 from models.cnn import DigitsCNN
 from models.norms import ReferenceBatchNorm
 
 RandomizeBN = Callable[..., nn.Module]
+# onnxruntime vs torch's training-mode BatchNorm: max|Δ| <= PARITY_RTOL * max(1, max|torch|)
+# holds on this small CNN (the export tool's own rule is export.parity's).
+PARITY_RTOL = 1e-5
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def test_export_matches_torch_training_batchnorm_and_depends_on_the_batch(
 
 def test_parity_is_held_against_the_reference_given(cnn: nn.Module, tmp_path: Path) -> None:
     # The explicit graph is not the eval-mode model: against that reference parity fails.
-    with pytest.raises(ParityError, match="differs from PyTorch"):
+    with pytest.raises(ParityError, match="exceeds the bound"):
         export_onnx(
             with_batch_statistics(cnn),
             _digits(8),
