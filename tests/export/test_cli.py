@@ -169,7 +169,7 @@ def test_export_installs_version_one(
     directory, result = first_export
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    summary = [line for line in result.stdout.splitlines() if "parity max|Δ|=" in line]
+    summary = [line for line in result.stdout.splitlines() if "parity max|Δ|" in line]
     assert len(summary) == 1, result.stdout
     assert "BN folded 1/1" in summary[0]
     assert f"{Path('repo') / 'tiny'} version 1" in result.stdout
