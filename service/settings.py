@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -17,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from service.codec import Limits
 
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
+# File descriptors kept back from max_connections: an idle server holds 16 (listening socket,
+# event loop, logs, metric files); model loads and onnxruntime open more for a moment.
+OPEN_FILES_RESERVE = 64
 
 
 class Settings(BaseSettings):
@@ -73,6 +77,33 @@ class Settings(BaseSettings):
     max_tensors: Annotated[int, Field(ge=1)] = Field(
         64, description="Most inputs plus outputs named in one request (400 beyond)."
     )
+    # The HTTP front (service.front.limits): what one connection may cost before the app
+    # sees a request. Every refusal there is JSON {"error": ...} and closes the connection.
+    max_header_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = Field(
+        64 * 1024,
+        description="Largest request line plus headers accepted (431 and close beyond); "
+        "counted as they arrive, so memory stays bounded.",
+    )
+    header_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        10.0, description="From a request's first byte until its headers are complete (408)."
+    )
+    body_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        30.0,
+        description="From the end of a request's headers until its body is complete (408); "
+        "30 s carries a 16 MB body at 4.5 Mbit/s.",
+    )
+    idle_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        5.0,
+        description="How long a connection may stay open without a request: a fresh one "
+        "that has sent nothing, or a kept-alive one between requests.",
+    )
+    max_connections: Annotated[int, Field(ge=1)] = Field(
+        1000,
+        description="Open connections per process. At the cap the one waiting longest "
+        "without a request in progress is closed to admit the new one; when all have one, "
+        "the new one is closed. At most the open-file limit (raised to its hard limit at "
+        f"start-up) minus {OPEN_FILES_RESERVE}.",
+    )
     graceful_shutdown_s: Annotated[float, Field(gt=0)] = Field(
         30.0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
@@ -85,6 +116,19 @@ class Settings(BaseSettings):
     @classmethod
     def _auto_workers(cls, value: object) -> object:
         return cpu_budget() if isinstance(value, str) and value.strip() == "auto" else value
+
+    @field_validator("max_connections")
+    @classmethod
+    def _fits_open_files(cls, value: int) -> int:
+        # Runs for a value given explicitly; the default is lowered to fit at start-up.
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        if hard != resource.RLIM_INFINITY and value > hard - OPEN_FILES_RESERVE:
+            raise ValueError(
+                f"max_connections={value} exceeds the open-file hard limit ({hard}) minus "
+                f"{OPEN_FILES_RESERVE} reserved for model, log and metric files; lower "
+                "NORMSERVE_MAX_CONNECTIONS or raise the limit (ulimit -Hn)"
+            )
+        return value
 
     @model_validator(mode="after")
     def _fits_cpu_budget(self) -> Settings:

@@ -1,0 +1,1 @@
+"""The HTTP front: what stands between the network and the protocol handlers."""

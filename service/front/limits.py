@@ -1,0 +1,372 @@
+"""Limits at the front: what one connection may cost before the app sees a request.
+
+uvicorn's httptools protocol (the C parser: about twice the requests/s of h11 here) buffers a
+request's whole header section with no bound, has no header or body read timeout, and starts
+its keep-alive timeout only after a first response. Measured on loopback without this guard:
+8 connections sending 1,024 headers of 64 KB each took RSS from 108 MB to 623 MB; 500
+connections sending headers at 1 byte/s, 20 slow 1 MB bodies and 2,000 silent connections all
+stayed open; 1,100 silent connections against a 1,024 file-descriptor limit locked out every
+client. ``GuardedHttpProtocol`` is that protocol with limits, each a Settings field:
+
+- ``max_header_bytes``: request line plus headers; beyond, 431. Counted as the bytes arrive,
+  before the parser sees them, so memory stays bounded whatever the number or size of headers.
+- ``header_timeout_s``, from a request's first byte until its headers are complete: 408.
+- ``body_timeout_s``, from the end of the headers until the body is complete: 408, and the
+  app's pending ``receive()`` returns ``http.disconnect``, so nothing runs for the request. A
+  total deadline, not a minimum rate: it bounds how long any one connection can be held (a
+  client keeping to a minimum rate holds one for as long as the largest body takes at that
+  rate); the 30 s default carries the largest body accepted (16 MB) at 4.5 Mbit/s.
+- ``idle_timeout_s`` without a request, on a fresh connection that has sent nothing as on a
+  kept-alive one between requests: closed without an answer.
+- ``max_connections`` per process, never more than the open-file limit (raised to its hard
+  limit at start-up) minus OPEN_FILES_RESERVE. At the cap, the connection that has waited
+  longest without a request in progress (idle, still sending its headers, or lingering after
+  an answer from here) is closed to admit the new one, so silent and slow connections cannot
+  lock out real clients; only when every connection has a request in progress is the new one
+  closed at once, before anything is read from it.
+- On SIGTERM, a request still sending its headers or body is answered 503 at once instead of
+  waiting out the graceful period to end in a 500 with a traceback; requests whose body has
+  arrived drain as before.
+
+Every answer given here is JSON ``{"error": ...}`` with ``Connection: close``. The connection is
+then half-closed and what the client still sends is read and thrown away for up to LINGER_S:
+closing a socket with unread data makes the kernel send a reset, which can destroy the answer
+before the client has read it.
+
+Deadlines are checked by one sweep per process every ``tick_s`` (a quarter of the shortest
+timeout, at most 1 s), not by a timer per request: on the hot path a phase change only stores
+a deadline, and a request crosses four overridden callbacks (~1 µs in all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import resource
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from service.settings import OPEN_FILES_RESERVE, Settings
+
+log = logging.getLogger("normserve.front")
+
+# Long enough for a client to read the answer it is still sending over; short enough that a
+# client that never stops sending holds its socket no longer than this.
+LINGER_S = 1.0
+# The guard's refusals are counted and logged at most this often, so a flood is one log line
+# per interval rather than one per connection.
+REPORT_EVERY_S = 10.0
+
+# Where the parser is in a connection's current request.
+IDLE, HEADERS, BODY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class FrontLimits:
+    max_header_bytes: int
+    header_timeout_s: float
+    body_timeout_s: float
+    idle_timeout_s: float
+    max_connections: int
+
+    @property
+    def tick_s(self) -> float:
+        """How often deadlines are checked: each is kept to within this."""
+        shortest = min(self.header_timeout_s, self.body_timeout_s, self.idle_timeout_s)
+        return min(1.0, max(0.05, shortest / 4))
+
+
+_limits: FrontLimits | None = None
+
+
+def configure(settings: Settings) -> FrontLimits:
+    """This process's limits, from ``settings``; call before the server starts.
+
+    Raises the open-file soft limit to the hard limit, as servers commonly do, and lowers the
+    connection cap to fit under it (an explicit value too high was refused by Settings).
+    """
+    global _limits
+    room = raise_open_files_limit() - OPEN_FILES_RESERVE
+    cap = settings.max_connections
+    if cap > room:
+        log.warning(
+            "max_connections lowered from %d to %d: the open-file limit leaves no more "
+            "after %d reserved for model, log and metric files",
+            cap,
+            max(1, room),
+            OPEN_FILES_RESERVE,
+        )
+        cap = max(1, room)
+    _limits = FrontLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        body_timeout_s=settings.body_timeout_s,
+        idle_timeout_s=settings.idle_timeout_s,
+        max_connections=cap,
+    )
+    return _limits
+
+
+def process_limits() -> FrontLimits:
+    """The configured limits; in a worker process, from the ``NORMSERVE_*`` environment."""
+    return _limits if _limits is not None else configure(Settings())
+
+
+def raise_open_files_limit() -> int:
+    """Raises RLIMIT_NOFILE's soft limit to its hard limit where allowed; the soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
+
+
+class Guard:
+    """One server's connections: the cap, the eviction order and the deadline sweep."""
+
+    def __init__(self, limits: FrontLimits, loop: asyncio.AbstractEventLoop) -> None:
+        self.limits = limits
+        self.loop = loop
+        self.connections: set[GuardedHttpProtocol] = set()
+        # Connections without a request in progress, longest waiting first: the eviction order.
+        self.evictable: OrderedDict[GuardedHttpProtocol, None] = OrderedDict()
+        self.sweeping: asyncio.TimerHandle | None = None
+        self.counts: Counter[str] = Counter()
+        self.reported_at = loop.time()
+
+    def admit(self, connection: GuardedHttpProtocol) -> bool:
+        if len(self.connections) >= self.limits.max_connections:
+            if not self.evictable:
+                self.counts["refused at the cap"] += 1
+                return False
+            victim, _ = self.evictable.popitem(last=False)
+            self.connections.discard(victim)
+            victim.transport.close()
+            self.counts["evicted at the cap"] += 1
+        self.connections.add(connection)
+        if self.sweeping is None:
+            self.sweeping = self.loop.call_later(self.limits.tick_s, self.sweep)
+        return True
+
+    def forget(self, connection: GuardedHttpProtocol) -> None:
+        self.connections.discard(connection)
+        self.evictable.pop(connection, None)
+
+    def sweep(self) -> None:
+        now = self.loop.time()
+        for connection in [c for c in self.connections if c.deadline <= now]:
+            connection.expire()
+        if self.counts and now - self.reported_at >= REPORT_EVERY_S:
+            counts = ", ".join(f"{n} {what}" for what, n in sorted(self.counts.items()))
+            log.warning("front limits in the last %.0f s: %s", now - self.reported_at, counts)
+            self.counts.clear()
+            self.reported_at = now
+        self.sweeping = (
+            self.loop.call_later(self.limits.tick_s, self.sweep) if self.connections else None
+        )
+
+
+# One guard per server (uvicorn's ServerState), created by its first connection.
+_guards: weakref.WeakKeyDictionary[ServerState, Guard] = weakref.WeakKeyDictionary()
+
+
+def _guard_of(state: ServerState, loop: asyncio.AbstractEventLoop) -> Guard:
+    guard = _guards.get(state)
+    if guard is None:
+        guard = _guards[state] = Guard(process_limits(), loop)
+    return guard
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits above; pass it as ``uvicorn.run(http=)``."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.guard = _guard_of(server_state, self.loop)
+        self.limits = self.guard.limits
+        # uvicorn's own keep-alive timer then closes at the same time as the sweep would.
+        self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
+        self.phase = IDLE
+        self.deadline = math.inf
+        self.header_room = self.limits.max_header_bytes  # left for this request's header bytes
+        self.completed = 0  # requests fully received on this connection
+        self.answered = False  # answered here: what arrives now is thrown away
+        self.lingering: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if not self.guard.admit(self):
+            self.answered = True
+            transport.close()
+            return
+        self._settle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.guard.forget(self)
+        if self.lingering is not None:
+            self.lingering.cancel()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered:
+            return
+        if self.phase == BODY or len(data) <= self.header_room:
+            if self.phase != BODY:
+                self.header_room -= len(data)
+            super().data_received(data)
+            return
+        # More than this request's header section may still take: parse only that much. The
+        # bytes after a request that ends within one read are not counted against the next
+        # one, so a pipelined request may exceed the limit by at most one read (256 KiB).
+        room = self.header_room
+        completed = self.completed
+        super().data_received(data[:room])
+        if self.answered or self.transport.is_closing():
+            return
+        if self.phase == BODY or self.completed != completed:
+            self.data_received(data[room:])
+        else:
+            self.guard.counts["431"] += 1
+            self.answer(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.phase = HEADERS
+        self.deadline = self.loop.time() + self.limits.header_timeout_s
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.phase = BODY
+        # A pipelined request's body waits for the server, not for the client.
+        self.deadline = math.inf if self.pipeline else self.loop.time() + self.limits.body_timeout_s
+        self.guard.evictable.pop(self, None)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.phase = IDLE
+        self.header_room = self.limits.max_header_bytes
+        self.completed += 1
+        self._settle()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._settle()
+
+    def _settle(self) -> None:
+        """The deadline and eviction order once a request is received or answered."""
+        cycle = self.cycle
+        busy = bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+        if self.answered:
+            return
+        if self.phase == BODY:
+            if not self.pipeline and self.deadline == math.inf:  # a pipelined request's turn
+                self.deadline = self.loop.time() + self.limits.body_timeout_s
+        elif busy:
+            if self.phase == IDLE:
+                self.deadline = math.inf  # the app's own deadlines apply
+            self.guard.evictable.pop(self, None)
+        else:
+            if self.phase == IDLE:
+                self.deadline = self.loop.time() + self.limits.idle_timeout_s
+            self.guard.evictable.setdefault(self, None)
+
+    def expire(self) -> None:
+        """Called by the sweep once the deadline has passed."""
+        if self.phase == IDLE:
+            self.guard.forget(self)
+            self.deadline = math.inf
+            self.transport.close()
+            return
+        self.guard.counts["408"] += 1
+        if self.phase == HEADERS:
+            self.answer(
+                408, f"request headers not complete within {self.limits.header_timeout_s:g} s"
+            )
+        else:
+            self.answer(408, f"request body not complete within {self.limits.body_timeout_s:g} s")
+
+    def answer(self, status: int, error: str) -> None:
+        """Answers the request being received with ``status``, then closes the connection.
+
+        A request the app is handling is cut off: its ``receive()`` returns ``http.disconnect``
+        and what it sends is dropped. When an earlier request's answer is still pending, or
+        this one's has begun, the connection is closed without an answer.
+        """
+        self.answered = True
+        self.deadline = math.inf
+        if self.transport.is_closing():
+            self.guard.forget(self)
+            return
+        cycle = self.cycle
+        pending = cycle is not None and not cycle.response_complete
+        if self.phase == BODY:  # this request's own answer must not have begun
+            can_answer = cycle is not None and pending and not cycle.response_started
+        else:  # nor may an earlier request's still be on its way
+            can_answer = not pending
+        if cycle is not None and pending:
+            cycle.keep_alive = False
+            cycle.disconnected = True
+            cycle.message_event.set()
+        if not can_answer or self.pipeline:
+            self.guard.forget(self)
+            self.transport.close()
+            return
+        body = orjson.dumps({"error": error})
+        head = [STATUS_LINE[status]]
+        for name, value in self.server_state.default_headers:
+            head += [name, b": ", value, b"\r\n"]
+        head += [
+            b"content-type: application/json\r\ncontent-length: ",
+            str(len(body)).encode(),
+            b"\r\nconnection: close\r\n\r\n",
+            body,
+        ]
+        self.transport.write(b"".join(head))
+        self._linger()
+
+    def _linger(self) -> None:
+        # First in line for eviction: nothing is expected from this connection any more.
+        self.guard.evictable[self] = None
+        self.guard.evictable.move_to_end(self, last=False)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.flow.resume_reading()
+            self.lingering = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        # uvicorn's answer to a request the parser rejects, in the same JSON as every other.
+        self.answer(400, msg)
+
+    def shutdown(self) -> None:
+        """Graceful shutdown: a request still being sent is answered 503 now; one whose answer
+        has begun, or an earlier one's, is left to finish as uvicorn does."""
+        cycle = self.cycle
+        idle_cycle = cycle is None or cycle.response_complete
+        if self.answered:
+            self.transport.close()
+        elif not self.pipeline and (
+            (self.phase == BODY and cycle is not None and not cycle.response_started)
+            or (self.phase == HEADERS and idle_cycle)
+        ):
+            self.answer(503, "the server is shutting down; send the request again")
+        else:
+            super().shutdown()
