@@ -204,12 +204,12 @@ def fold_batchnorm_with_report(
         if name in reasons and id(norm) in merge_reasons:
             reasons[name] = f"{reasons[name]}, and {merge_reasons[id(norm)]}"
     for name, norm in norms.items():
-        decided = plans.get(id(norm))
-        if decided is None:
+        chosen = plans.get(id(norm))
+        if chosen is None:
             continue
-        for layer in decided.layers:
-            _fold_into(layer, norm, before=decided.before)
-        how = "before them" if decided.before else ""
+        for layer in chosen.layers:
+            _fold_into(layer, norm, before=chosen.before)
+        how = "which read its output" if chosen.before else ""
         _replace(folded, norm, FoldedBatchNorm(norm, report.folded[name], how))
     applied = _apply_merges(folded, merges, names, example_input, trace.output)
     merged = {id(n): names[id(m.main)] for m in applied for n in m.norms}

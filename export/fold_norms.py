@@ -182,8 +182,8 @@ class FoldedBatchNorm(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        how = f" {self.how}" if self.how else ""
-        return f"{self.num_features}, folded{how} into {', '.join(self.folded_into)}"
+        how = f" ({self.how})" if self.how else ""
+        return f"{self.num_features}, folded into {', '.join(self.folded_into)}{how}"
 
 
 class MergedBranch(nn.Module):
