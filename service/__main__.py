@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from service.app import create_app
 from service.errors import RepositoryError
+from service.front.limits import GuardedHttpProtocol, configure
 from service.metrics import MULTIPROC_ENV
 from service.repository import list_models
 from service.settings import Settings
@@ -59,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    configure(settings)  # raises the open-file limit here, so worker processes inherit it
     if settings.workers == 1:
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies by
         # the signal (status 143). The shutdown was clean, so exit 0, as Triton does: a no-op
@@ -71,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             port=settings.port,
             log_level=settings.log_level,
             access_log=False,  # the app writes its own structured access log
+            http=GuardedHttpProtocol,  # header size, timeouts, connection cap
             timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     else:
@@ -85,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 workers=settings.workers,
                 log_level=settings.log_level,
                 access_log=False,
+                http=GuardedHttpProtocol,
                 timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
             )
     return 0
