@@ -14,7 +14,8 @@ shadows ours (our CLI fails to import) or ours shadows theirs (their module's
   every top-level name the user's search path also provides, so their imports (at load, in
   the factory, in ``forward`` while the exporter traces it) resolve to theirs; ours are put
   back afterwards and theirs set aside. Our code that runs inside (export_onnx) was imported
-  before and imports nothing of ours lazily.
+  before and must import nothing of ours lazily: tests/export/test_cli_any_folder.py exports
+  with user packages named export, models and service first on the path, and fails if it does.
 """
 
 from __future__ import annotations

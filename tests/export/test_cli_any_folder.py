@@ -88,11 +88,13 @@ def pair():
     return model
 """
 SEQUENCE = 16
+OUR_NAMES = ("export", "models", "service")
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A user's project: its own models/ and service/ packages, mynet.py, nets/pair.py."""
+    """A user's project: its own models/ and service/ packages, mynet.py, and nets/pair.py
+    beside its own export/, models/ and service/."""
     root = tmp_path_factory.mktemp("user-project")
     files = {
         "models/__init__.py": THEIR_MODELS_INIT,
@@ -100,6 +102,10 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "service/__init__.py": '"""The user\'s own web service package."""\n',
         "mynet.py": MYNET,
         "nets/pair.py": PAIR,
+        # Beside pair.py, whose folder goes first on the path: while the user's code runs
+        # (factory, forward traced by the exporter), these are the names' packages, so our
+        # export code in between must import nothing of ours lazily.
+        **{f"nets/{name}/__init__.py": '"""The user\'s own."""\n' for name in OUR_NAMES},
     }
     for relative, text in files.items():
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
