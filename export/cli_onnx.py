@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
 from export.checkpoint import load_into
 from export.cli_imports import UserModelError, load_factory, user_code, user_folder
-from export.cli_inputs import DATATYPES, InputSpec, examples
+from export.cli_inputs import InputSpec, examples
 from export.publish import check_install, check_labels, check_name, entry_config, publish
-from export.to_onnx import TensorInfo, export_onnx
+
+# export_onnx's own output rules, so the checks before it see the names it will write.
+from export.to_onnx import TensorInfo, _info, _output_names, _output_tensors, export_onnx
 
 EXAMPLE_BATCH = 2  # torch.export specializes a batch of 1; export_onnx exports at 2
 SAMPLE_BATCH = 8  # extra parity rows drawn from the declared ranges (see _samples)
@@ -133,29 +134,10 @@ def _forward(model: nn.Module, example: tuple[torch.Tensor, ...], inputs: list[I
 
 
 def _output_infos(out: Any, names: Sequence[str] | None) -> list[TensorInfo]:
-    """The outputs as the repository will record them: export_onnx's names (one tensor:
-    'output', several: 'output_0'..., a dict: its keys) unless names were given."""
-    leaves = pytree.tree_leaves(out)
-    if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
-        raise ExampleError(f"the model returns {type(out).__name__}; export needs tensors")
-    if names is None:
-        if isinstance(out, dict) and len(out) == len(leaves):
-            names = [str(key) for key in out]
-        else:
-            names = ["output"] if len(leaves) == 1 else [f"output_{i}" for i in range(len(leaves))]
-    if len(names) != len(leaves):
-        raise ValueError(f"--output-name gives {len(names)} names for {len(leaves)} outputs")
-    return [
-        TensorInfo(name, _datatype(t), [-1, *t.shape[1:]])
-        for name, t in zip(names, leaves, strict=True)
-    ]
-
-
-def _datatype(t: torch.Tensor) -> str:
-    for datatype, dtype in DATATYPES.items():
-        if dtype == t.dtype:
-            return datatype
-    raise ExampleError(f"an output has dtype {t.dtype}, which V2 clients cannot receive")
+    """The outputs as export_onnx will name and record them, by its own rules (one tensor:
+    'output'; a tuple: 'output_0'...; a dict or namedtuple: its keys), unless names given."""
+    tensors = _output_tensors(out)
+    return [_info(name, t) for name, t in zip(_output_names(out, names), tensors, strict=True)]
 
 
 def _samples(inputs: list[InputSpec]) -> tuple[torch.Tensor, ...] | None:

@@ -61,6 +61,25 @@ def not_a_module():
     return {"weights": [1, 2, 3]}
 
 
+class TwoHeads(nn.Module):
+    """Returns a dict, as torchvision's segmentation models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = tiny()[:-1]
+        self.logits = nn.Linear(4, 5)
+        self.embedding = nn.Linear(4, 2)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"logits": self.logits(features), "embedding": self.embedding(features)}
+
+
+def two_heads():
+    torch.manual_seed(0)
+    return TwoHeads()
+
+
 def marked():
     """tiny(), leaving a file behind: a test sees whether the factory ever ran."""
     open("factory_called", "w").close()
@@ -332,6 +351,22 @@ def test_help_lists_the_commands(workdir: Path) -> None:
     assert "onnx" in result.stdout
 
 
+def test_dict_outputs_are_named_by_their_keys(workdir: Path) -> None:
+    result = run_cli_in_process(workdir, *export_args("heads", factory="two_heads"))
+    assert result.returncode == 0, result.stderr
+    config = read_config(workdir / "repo" / "heads" / CONFIG_FILE)
+    assert [(o.name, o.shape) for o in config.outputs] == [
+        ("logits", [-1, 5]),
+        ("embedding", [-1, 2]),
+    ]
+    assert config.labels == LABELS  # they name the 5 columns of 'logits'
+    session = ort.InferenceSession(
+        str(verified_file(workdir / "repo", config, config.latest)),
+        providers=["CPUExecutionProvider"],
+    )
+    assert [o.name for o in session.get_outputs()] == ["logits", "embedding"]
+
+
 # --- mistakes found before the export starts ----------------------------------------------
 
 
@@ -392,7 +427,7 @@ def test_labels_file_is_read_one_label_a_line(workdir: Path, exports: list[str])
     [
         (["--labels", "a,b"], ["2 labels", "no output has 2 columns", "'output' [-1, 5]"]),
         (["--input-shape", "2,16,16"], ["fails on example inputs", "input:FP32[2, 2, 16, 16]"]),
-        (["--output-name", "a,b"], ["--output-name", "2 names for 1 outputs"]),
+        (["--output-name", "a,b"], ["2 output names for 1 outputs"]),
     ],
 )
 def test_mistake_is_refused_after_one_forward_before_the_export(
