@@ -80,6 +80,7 @@ def run_onnx(args: argparse.Namespace) -> int:
             replace=args.replace,
         )
     print(report.summary())
+    print(report.timing())
     print(f"{args.repository / args.name} version {config.latest.version}")
     return 0
 
