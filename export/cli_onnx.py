@@ -22,7 +22,7 @@ from torch import nn
 from export.checkpoint import load_into
 from export.cli_imports import UserModelError, load_factory, user_code, user_folder
 from export.cli_inputs import InputSpec, examples
-from export.publish import check_install, check_labels, check_name, entry_config, publish
+from export.publish import check_install, check_name, entry_config, publish
 
 # export_onnx's own output rules, so the checks before it see the names it will write.
 from export.to_onnx import TensorInfo, _info, _output_names, _output_tensors, export_onnx
@@ -52,9 +52,13 @@ def run_onnx(args: argparse.Namespace) -> int:
                 load_into(model, args.checkpoint)
             example = examples(inputs, EXAMPLE_BATCH)
             outputs = _output_infos(_forward(model, example, inputs), output_names)
-            if labels is not None:
-                check_labels(labels, outputs)
-            entry_config(args.name, input_infos, outputs, max_batch_size=args.max_batch_size)
+            entry_config(
+                args.name,
+                input_infos,
+                outputs,
+                labels=labels,
+                max_batch_size=args.max_batch_size,
+            )
             check_install(args.repository, args.name, input_infos, outputs, replace=args.replace)
             report = export_onnx(
                 model,

@@ -428,6 +428,7 @@ def test_labels_file_is_read_one_label_a_line(workdir: Path, exports: list[str])
         (["--labels", "a,b"], ["2 labels", "no output has 2 columns", "'output' [-1, 5]"]),
         (["--input-shape", "2,16,16"], ["fails on example inputs", "input:FP32[2, 2, 16, 16]"]),
         (["--output-name", "a,b"], ["2 output names for 1 outputs"]),
+        (["--max-batch-size", "0"], ["model 'tiny'", "max_batch_size", "greater than or equal"]),
     ],
 )
 def test_mistake_is_refused_after_one_forward_before_the_export(
