@@ -64,6 +64,11 @@ def precondition_reason(norm: nn.Module, trace: Trace) -> str | None:
     calls = trace.norm_calls.get(id(norm), [])
     if not calls:
         return "was not called on the example input, so its input is unknown"
+    if any(call.output_shape != call.input_shape for call in calls):
+        return (
+            "returns a tensor of another shape than its input (its parameters broadcast "
+            "against it), so it is not a per-channel map of that input"
+        )
     if any(trace.uses[id(t)] != len(calls) for t in norm_tensors(norm)):
         return (
             "has statistics or parameters that the model also reads outside the BatchNorm, "

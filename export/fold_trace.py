@@ -90,6 +90,7 @@ class NormCall:
     input_shape: tuple[int, ...]
     producer: str
     output_id: int | None = None
+    output_shape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -298,7 +299,10 @@ def _norm_pre_hook(trace: Trace) -> Callable[[nn.Module, Any], None]:
 def _norm_hook(trace: Trace) -> Callable[[nn.Module, Any, Any], None]:
     def hook(module: nn.Module, args: Any, output: Any) -> None:
         calls = trace.norm_calls[id(module)]
-        if not calls or not isinstance(output, torch.Tensor) or output.dim() < 2:
+        if not calls or not isinstance(output, torch.Tensor):
+            return
+        calls[-1].output_shape = tuple(output.shape)
+        if output.dim() < 2:
             return
         calls[-1].output_id = id(output)
         trace.watch(output)

@@ -604,3 +604,13 @@ def test_batchnorms_on_both_sides_of_one_conv_both_fold(
     assert report.how == {"0": "before", "2": "after"}
     assert norms(folded) == []
     assert "which read its output" in repr(folded[0])
+
+
+def test_frozen_batchnorm_broadcasting_a_rank2_input_is_kept(
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    """torchvision's FrozenBatchNorm2d on [N, C] broadcasts to [1, C, N, C]: not a map of x."""
+    frozen = timm_norm_act().FrozenBatchNorm2d(4)
+    check_kept(
+        BNThen(frozen, nn.Linear(4, 3)), torch.randn(4, 4), caller_snapshot, ["another shape"]
+    )
