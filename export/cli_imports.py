@@ -134,7 +134,13 @@ def _load_file(path: Path) -> ModuleType:
     if not path.is_file():
         raise UserModelError(f"--model: {path} is not a file")
     name = path.stem
-    spec = importlib.util.spec_from_file_location(name, path)
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__file__", None) != str(path.resolve()):
+        raise UserModelError(
+            f"--model: {path} would be imported as '{name}', which names a module already "
+            f"imported ({getattr(loaded, '__file__', None) or 'built in'}); rename the file"
+        )
+    spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise UserModelError(f"--model: {path} cannot be imported")
     module = importlib.util.module_from_spec(spec)

@@ -534,6 +534,16 @@ def test_missing_user_module_names_the_folder(workdir: Path) -> None:
     assert_one_line_error(result)
 
 
+def test_model_file_named_like_an_imported_module_is_refused(workdir: Path) -> None:
+    (workdir / "torch.py").write_text("def f():\n    raise AssertionError('imported')\n")
+    result = run_cli_in_process(
+        workdir, "onnx", "--model", "torch.py:f", "--input-shape", "3", "--name", "x"
+    )
+    assert_user_error(result, "torch.py", "'torch'", "already imported", "rename the file")
+    assert_one_line_error(result)
+    assert sys.modules["torch"] is torch
+
+
 # --- the Python API refuses what the command line refuses ---------------------------------
 
 
