@@ -2,7 +2,7 @@
 
 Engines: torch eager (eval, inference_mode); onnxruntime on the unfolded ONNX and on the
 folded ONNX with graph optimizations disabled (what folding alone buys); onnxruntime exactly
-as the service configures it (``service.runtime.ort_session_options``); OpenVINO fp32 when
+as the service configures it (``service.serving.runtime.ort_session_options``); OpenVINO fp32 when
 installed (it reads the ONNX file directly). Every round measures every engine at every
 thread count before the next round starts, so a slow period of this shared VM hits all of
 them, and each measurement records how much CPU other processes used meanwhile.
@@ -23,7 +23,7 @@ import onnxruntime as ort
 import torch
 
 from benchmarks.models import Exported
-from service.runtime import ort_session_options
+from service.serving.runtime import ort_session_options
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 # Other processes using more than this many cores during a measurement make it noisy.
@@ -86,7 +86,7 @@ def _openvino_runner(path: Path, threads: int, precision: str) -> Runner:
 
 def _served_runner(model: Exported, threads: int) -> Runner:
     from service.repository import read_config, verified_file
-    from service.runtime import OnnxModel, SessionOptions
+    from service.serving.runtime import OnnxModel, SessionOptions
 
     if model.repository is None:
         raise ValueError(f"{model.spec.name}: no repository entry to serve from")

@@ -3,7 +3,7 @@
 MLServer cannot share the project's virtual environment (its pins clash with ours), so it gets
 its own venv, built once by :func:`ensure_mlserver_venv` and reused while the stamp file says
 the same packages are in it. The model is served by ``mlserver_runtime/onnx_runtime.py``, a
-custom runtime that builds the onnxruntime session exactly as ``service.runtime.OnnxModel``
+custom runtime that builds the onnxruntime session exactly as ``service.serving.runtime.OnnxModel``
 does, with MLServer's adaptive batching on, so that a benchmark measures the two servers and
 not two onnxruntime configurations.
 

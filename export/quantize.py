@@ -37,6 +37,7 @@ import numpy as np
 import onnx
 
 from export.to_onnx import ExportError
+from service.datatypes import DATATYPE_TO_NUMPY
 from service.repository import (
     ModelConfig,
     ModelVersion,
@@ -46,7 +47,7 @@ from service.repository import (
     read_config,
     verified_file,
 )
-from service.runtime import NUMPY_DTYPES, ort_session_options
+from service.serving.runtime import ort_session_options
 
 DEFAULT_MAX_DROP_POINTS = 0.5
 MIN_AGREEMENT = 0.99
@@ -201,7 +202,7 @@ def quantize_published(
             "digits data set has 64 float values (8x8) per sample"
         )
     digits = load_digits_split()
-    dtype = NUMPY_DTYPES[spec.datatype]
+    dtype = DATATYPE_TO_NUMPY[spec.datatype]
     calibration = digits.train.images.numpy().reshape(-1, *per_sample).astype(dtype)
     evaluation = digits.test.images.numpy().reshape(-1, *per_sample).astype(dtype)
     labels = digits.test.labels.numpy()

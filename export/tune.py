@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.datatypes import DATATYPE_TO_NUMPY
 from service.repository import (
     ModelConfig,
     RuntimeOptions,
@@ -29,7 +30,7 @@ from service.repository import (
     verified_file,
     write_config,
 )
-from service.runtime import NUMPY_DTYPES, OnnxModel, SessionOptions
+from service.serving.runtime import OnnxModel, SessionOptions
 from service.settings import cpu_budget
 
 LEVELS = ("disable", "basic", "extended", "all")
@@ -122,7 +123,7 @@ def tune(
     # Inputs in [0, 1): the range of the digits models; the timing does not depend on it.
     inputs = {
         b: {
-            s.name: rng.random((b, *s.shape[1:])).astype(NUMPY_DTYPES[s.datatype])
+            s.name: rng.random((b, *s.shape[1:])).astype(DATATYPE_TO_NUMPY[s.datatype])
             for s in config.inputs
         }
         for b in (1, BATCH)

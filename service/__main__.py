@@ -24,8 +24,8 @@ from pydantic import ValidationError
 from service.app import create_app
 from service.errors import RepositoryError
 from service.front.limits import GuardedHttpProtocol, configure
-from service.metrics import MULTIPROC_ENV
-from service.repository import list_models
+from service.operations.metrics import MULTIPROC_ENV
+from service.repository import list_models, scan_repository
 from service.settings import Settings
 
 
@@ -47,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None}
     try:
         settings = Settings(**overrides)
-        list_models(settings.repository)  # fail now, not in a worker, when it is unusable
+        # Fail now, not in a worker, when the repository is unusable (or, with strict_models,
+        # when any model in it is).
+        (list_models if settings.strict_models else scan_repository)(settings.repository)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
@@ -96,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _shared_metrics_directory() -> Iterator[None]:
-    """Where the workers' metric files go (see service.metrics), set before they start.
+    """Where the workers' metric files go (see service.operations.metrics), set before they start.
 
     A directory given in PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files
     first (prometheus-client's rule); otherwise a private one is made and removed at exit.

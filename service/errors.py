@@ -1,5 +1,6 @@
-"""Domain errors, and the one map from each to an HTTP status (``error_parts``): the
-inference fast path and the FastAPI handlers both answer through it."""
+"""Domain errors: what went wrong, in words safe to show a client, and nothing about HTTP.
+
+Each transport maps them once: HTTP in service.front.errors, gRPC in its own module."""
 
 from __future__ import annotations
 
@@ -18,6 +19,10 @@ class IntegrityError(RepositoryError):
 
 class InvalidInput(NormserveError):
     """The request is malformed or does not fit the model's signature (HTTP 400)."""
+
+
+class RequestTimeout(NormserveError):
+    """The client took too long to send its request (HTTP 408)."""
 
 
 class ModelNotFound(NormserveError):
@@ -50,29 +55,3 @@ class PayloadTooLarge(NormserveError):
 
 class ClientDisconnected(NormserveError):
     """The client went away before its answer; nobody reads the response (logged as 499)."""
-
-
-# Order matters: subclasses before their bases.
-STATUS: list[tuple[type[NormserveError], int]] = [
-    (InvalidInput, 400),
-    (ModelNotFound, 404),
-    (ResourceNotFound, 404),
-    (PayloadTooLarge, 413),
-    (Overloaded, 503),
-    (ModelNotReady, 503),
-    (DeadlineExceeded, 504),
-    # nginx's convention for 'client closed request': only the access log ever sees it.
-    (ClientDisconnected, 499),
-]
-
-
-def status_for(exc: NormserveError) -> int:
-    return next((status for kind, status in STATUS if isinstance(exc, kind)), 500)
-
-
-def error_parts(exc: NormserveError) -> tuple[int, str, dict[str, str]]:
-    """Status, message and extra headers for a domain error."""
-    headers = {}
-    if isinstance(exc, Overloaded):
-        headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-    return status_for(exc), str(exc), headers

@@ -38,6 +38,8 @@ Datatype = Literal[
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+MAX_LABELS = 100_000
+MAX_LABEL_LENGTH = 256
 
 
 class _Strict(BaseModel):
@@ -115,7 +117,15 @@ class ModelConfig(_Strict):
     inputs: Annotated[list[TensorSpec], Field(min_length=1)]
     outputs: Annotated[list[TensorSpec], Field(min_length=1)]
     # Class names of a classifier, index i naming output column i; None for other models.
-    labels: list[str] | None = None
+    # Bounded: V1 answers repeat every label per row, so 10 labels of 1 MB each once turned a
+    # 21 KB request into a 704 MB response.
+    labels: (
+        Annotated[
+            list[Annotated[str, Field(max_length=MAX_LABEL_LENGTH)]],
+            Field(max_length=MAX_LABELS),
+        ]
+        | None
+    ) = None
     batching: Batching = Batching()
     runtime: RuntimeOptions = RuntimeOptions()
     # True when one row's output depends on the other rows of its batch (e.g. BatchNorm with
@@ -176,41 +186,79 @@ def model_file(root: Path, config: ModelConfig, version: ModelVersion) -> Path:
     return root / config.name / str(version.version) / version.file
 
 
-def read_config(path: Path) -> ModelConfig:
-    """The validated config at ``path``; RepositoryError names the file and the problem."""
+def read_config(path: Path, shown: Path | str | None = None) -> ModelConfig:
+    """The validated config at ``path``; RepositoryError names the file (as ``shown``, when
+    given) and the problem."""
+    shown = path if shown is None else shown
     try:
         return ModelConfig.model_validate_json(path.read_bytes())
     except FileNotFoundError as exc:
-        raise RepositoryError(f"{path}: no such file") from exc
+        raise RepositoryError(f"{shown}: no such file") from exc
     except OSError as exc:  # e.g. files copied into an image without read permission
-        raise RepositoryError(f"{path}: cannot be read ({exc.strerror})") from exc
+        raise RepositoryError(f"{shown}: cannot be read ({exc.strerror})") from exc
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
         )
-        raise RepositoryError(f"{path}: invalid model config: {problems}") from exc
+        raise RepositoryError(f"{shown}: invalid model config: {problems}") from exc
 
 
 def list_models(root: Path) -> list[ModelConfig]:
-    """Every model config under ``root``, sorted by name; the directory name must match."""
+    """Every model config under ``root``, sorted by name; RepositoryError at the first bad one."""
+    configs, failed = scan_repository(root)
+    if failed:
+        raise RepositoryError(next(iter(failed.values())))
+    return configs
+
+
+def scan_repository(root: Path) -> tuple[list[ModelConfig], dict[str, str]]:
+    """The valid model configs under ``root`` (sorted by name), and for each model directory
+    that cannot be used, its name and why: one bad model never hides the others.
+
+    RepositoryError only when ``root`` itself is unusable. Messages name paths relative to
+    ``root``: they reach clients.
+    """
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist or is not a directory")
-    configs = []
+    real_root = root.resolve()
+    configs: list[ModelConfig] = []
+    failed: dict[str, str] = {}
     for config_path in sorted(root.glob(f"*/{CONFIG_FILE}")):
-        config = read_config(config_path)
-        if config.name != config_path.parent.name:
-            raise RepositoryError(
-                f"{config_path}: name '{config.name}' differs from its directory "
-                f"'{config_path.parent.name}'"
-            )
+        name = config_path.parent.name
+        try:
+            shown = config_path.relative_to(root)
+            inside(real_root, config_path, shown)
+            config = read_config(config_path, shown)
+            if config.name != name:
+                raise RepositoryError(
+                    f"{name}/{CONFIG_FILE}: name '{config.name}' differs from its directory "
+                    f"'{name}'"
+                )
+        except RepositoryError as exc:
+            failed[name] = str(exc)
+            continue
         configs.append(config)
-    return configs
+    return configs, failed
+
+
+def inside(real_root: Path, path: Path, shown: Path | str) -> None:
+    """RepositoryError when ``path`` resolves (following symlinks) outside ``real_root``: a
+    link in the repository must never make the server read a file elsewhere."""
+    try:
+        path.resolve(strict=False).relative_to(real_root)
+    except ValueError:
+        raise RepositoryError(
+            f"{shown} resolves outside the model repository (a symbolic link?); refused"
+        ) from None
+    except (OSError, RuntimeError):  # a symlink loop
+        raise RepositoryError(f"{shown} cannot be resolved (a symbolic link loop?)") from None
 
 
 def verified_file(root: Path, config: ModelConfig, version: ModelVersion) -> Path:
     """The model file of ``version``, after checking that its sha256 is the recorded one."""
     path = model_file(root, config, version)
     shown = path.relative_to(root)  # messages reach clients: no absolute server paths
+    inside(root.resolve(), path, f"model '{config.name}' version {version.version}: {shown}")
     if not path.is_file():
         raise RepositoryError(
             f"model '{config.name}' version {version.version}: {shown} is missing"

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.codec import Limits
+from service.protocol.request_limits import Limits
 
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 # File descriptors kept back from max_connections: an idle server holds 16 (listening socket,
@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     )
     max_tensors: Annotated[int, Field(ge=1)] = Field(
         64, description="Most inputs plus outputs named in one request (400 beyond)."
+    )
+    strict_models: bool = Field(
+        False,
+        description="Exit at start-up when any model fails to load (Triton's exit-on-error); "
+        "by default the others serve and the failed one is UNAVAILABLE with its reason.",
     )
     # The HTTP front (service.front.limits): what one connection may cost before the app
     # sees a request. Every refusal there is JSON {"error": ...} and closes the connection.

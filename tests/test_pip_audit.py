@@ -18,10 +18,8 @@ from typing import Any
 
 import pytest
 
-# The runtime image's packages: [project].dependencies in pyproject.toml and what FastAPI
-# serves with.
+# The runtime image's packages: [project].dependencies in pyproject.toml.
 SERVING = {
-    "fastapi",
     "uvicorn",
     "onnxruntime",
     "pydantic",
@@ -30,7 +28,6 @@ SERVING = {
     "numpy",
     "orjson",
     "prometheus-client",
-    "starlette",
 }
 TIMEOUT_S = 120
 UNREACHABLE = re.compile(

@@ -3,8 +3,8 @@
 This module runs inside MLServer's own virtual environment (MLServer 1.7.1 pins dependencies
 that clash with the project's), so it imports only mlserver, numpy, onnxruntime and the
 standard library: never a normserve package. The session options copy
-``service.runtime.OnnxModel`` line for line, so that a benchmark against normserve compares the
-two servers and not two onnxruntime configurations.
+``service.serving.runtime.OnnxModel`` line for line, so that a benchmark against normserve
+compares the two servers and not two onnxruntime configurations.
 
 Model settings it reads:
 

@@ -194,8 +194,9 @@ def test_venv_is_pinned_to_the_project_onnxruntime(mlserver_python: Path) -> Non
 
 
 def test_runtime_session_options_match_normserve(mlserver_python: Path) -> None:
-    """The same settings as service.runtime.OnnxModel, read back from the runtime's options in
-    MLServer's venv; the thread count from the model's settings first, then the environment."""
+    """The same settings as service.serving.runtime.OnnxModel, read back from the runtime's
+    options in MLServer's venv; the thread count from the model's settings first, then the
+    environment."""
     script = f"""
 import json, os, sys
 sys.path.insert(0, {str(mp.RUNTIME_FILE.parent)!r})

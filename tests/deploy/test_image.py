@@ -97,8 +97,10 @@ def test_image_holds_no_torch_no_compiler_and_fits_the_budget(image: BuiltImage)
         site = list((root / "opt/venv/lib").glob("python3*/site-packages"))
         assert len(site) == 1, site
         packages = {p.name.lower() for p in site[0].iterdir()}
-        assert "onnxruntime" in packages and "fastapi" in packages
+        assert "onnxruntime" in packages and "uvicorn" in packages
         forbidden = {"torch", "onnx", "onnxscript", "sklearn", "matplotlib", "nvidia"} & packages
+        # The service has no web framework (docs/design/protocol-core.md): none ships.
+        assert not {"fastapi", "starlette"} & packages
         assert not forbidden, f"build-only packages leaked into the runtime image: {forbidden}"
         assert not list(root.glob("usr/local/lib/python3*/site-packages/torch"))
         assert not (root / "opt/venv/bin/pip").exists(), "the runtime installs nothing"

@@ -17,7 +17,7 @@ from cli_runner import run_cli_in_process
 from export.quantize import QuantizationError, quantize_published
 from models.data import load_digits_split
 from service.repository import read_config, verified_file
-from service.runtime import OnnxModel, SessionOptions
+from service.serving.runtime import OnnxModel, SessionOptions
 
 
 @pytest.fixture

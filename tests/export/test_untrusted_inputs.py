@@ -23,9 +23,9 @@ import onnxruntime as ort
 import pytest
 import torch
 from cli_runner import run_cli_in_process as run_in_process
-from fastapi.testclient import TestClient
 from onnx import TensorProto, helper
 from safetensors.torch import save_file
+from starlette.testclient import TestClient
 from tiny_onnx import CLASSES, FEATURES, WEIGHT, tiny_repository
 
 from export.checkpoint import CheckpointError, load_into, load_state_dict

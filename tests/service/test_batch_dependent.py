@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 from tiny_onnx import FEATURES, batch_mean_repository, centered
 
 from service.app import create_app
-from service.batcher import Batcher, BatchRecord
 from service.repository import ModelConfig, list_models, read_config, verified_file
-from service.runtime import OnnxModel, SessionOptions
+from service.serving.batcher import Batcher, BatchRecord
+from service.serving.runtime import OnnxModel, SessionOptions
+from service.serving.store import ModelStore
 from service.settings import Settings
-from service.store import ModelStore
 
 ATOL = 1e-6
 

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from tiny_onnx import FEATURES, expected, tiny_repository
 
-from service.batcher import Batcher, BatchRecord
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from service.repository import list_models, verified_file
-from service.runtime import OnnxModel, SessionOptions
+from service.serving.batcher import Batcher, BatchRecord
+from service.serving.runtime import OnnxModel, SessionOptions
 
 ATOL = 1e-5
 

@@ -14,18 +14,15 @@ import numpy as np
 import orjson
 import pytest
 
-from service import codec
-from service.codec import (
-    DATATYPE_TO_NUMPY,
-    HEADER_LENGTH,
-    NUMPY_TO_DATATYPE,
-    RequestedOutput,
-    decode_infer_request,
-    decode_json_body,
-    encode_infer_response,
-    error_body,
-)
+from service.datatypes import DATATYPE_TO_NUMPY, NUMPY_TO_DATATYPE
 from service.errors import InvalidInput
+from service.front.errors import error_body
+from service.protocol import v2_request
+from service.protocol.request_limits import Limits, decode_json_body
+from service.protocol.v2_binary import HEADER_LENGTH
+from service.protocol.v2_request import decode_infer_request
+from service.protocol.v2_response import encode_infer_response
+from service.protocol.v2_types import RequestedOutput
 
 HAS_TRITONCLIENT = importlib.util.find_spec("tritonclient") is not None
 needs_tritonclient = pytest.mark.skipif(not HAS_TRITONCLIENT, reason="tritonclient not installed")
@@ -384,7 +381,7 @@ def test_non_finite_floats_are_rejected_if_they_arrive(
     # JSON cannot spell them and orjson refuses NaN/Infinity, so only a lenient parser
     # upstream could produce them: stand one in.
     document = {"inputs": [x(data=[1.0, value])]}
-    monkeypatch.setattr(codec, "decode_json_body", lambda _body: document)
+    monkeypatch.setattr(v2_request, "decode_json_body", lambda _body: document)
     assert_rejected(b"{}", None, "'x'", "element 1 is not a finite number")
 
 
@@ -791,14 +788,14 @@ def test_an_object_hidden_after_numbers_in_tensor_data_is_refused() -> None:
         {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2], "data": [1.0, deep]}]}
     )
     with pytest.raises(InvalidInput):
-        codec.decode_infer_request(body, None)
+        decode_infer_request(body, None)
 
 
 @pytest.mark.parametrize("binary", [False, True], ids=["json", "binary-header"])
 def test_depth_limit_holds_whether_or_not_the_bracket_count_settles_it(binary: bool) -> None:
     """Counting brackets settles shallow requests without a walk; a request one level too
     deep still has more brackets than the limit, so the walk runs and refuses it."""
-    limits = codec.Limits(max_depth=5)
+    limits = Limits(max_depth=5)
 
     def request(depth: int) -> tuple[bytes, int | None]:
         value: Any = 1
@@ -812,6 +809,6 @@ def test_depth_limit_holds_whether_or_not_the_bracket_count_settles_it(binary: b
 
     # Brackets inside strings only add to the count: a shallow request full of them is fine.
     shallow = {"inputs": [{"name": "[[[{{{", "datatype": "FP32", "shape": [1], "data": [1.0]}]}
-    codec.decode_infer_request(orjson.dumps(shallow), None, limits)
+    decode_infer_request(orjson.dumps(shallow), None, limits)
     with pytest.raises(InvalidInput, match="nested deeper than 5"):
-        codec.decode_infer_request(*request(7), limits)
+        decode_infer_request(*request(7), limits)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 
 from models.data import load_digits_split
 from service.app import create_app
 from service.errors import RepositoryError
 from service.repository import RuntimeOptions, read_config, verified_file, write_config
-from service.runtime import OnnxModel, SessionOptions
+from service.serving.runtime import OnnxModel, SessionOptions
 from service.settings import Settings
 
 try:

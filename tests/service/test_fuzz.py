@@ -24,10 +24,10 @@ from urllib.parse import quote
 import numpy as np
 import pytest
 import schemathesis
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
+from starlette.testclient import TestClient
 from tiny_onnx import CLASSES, FEATURES, expected, tiny_repository
 
 from service.app import create_app

@@ -1,6 +1,6 @@
 """The web page's routes: files, headers, data files, 404s, and what they must not touch.
 
-Through FastAPI's TestClient over a tiny repository, plus raw ASGI requests for paths an
+Through Starlette's TestClient over a tiny repository, plus raw ASGI requests for paths an
 HTTP client would normalise before sending (``..`` segments).
 """
 
@@ -14,14 +14,13 @@ from typing import Any
 
 import orjson
 import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
+from starlette.testclient import TestClient
 from tiny_onnx import tiny_repository
 
-from service.app import create_app
+from service.app import NormserveApp, create_app
+from service.front.page import CONTENT_TYPES, PAGE_DIR
 from service.repository import list_models
 from service.settings import Settings
-from service.ui import CONTENT_TYPES, PAGE_DIR
 from service.webdata import REPORT_HEADLINE, SAMPLES_PATH, DigitSamples, write_samples
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
@@ -53,7 +52,7 @@ def _client(repository: Path, report_dir: Path) -> TestClient:
     return TestClient(create_app(Settings(repository=repository, report_dir=report_dir)))
 
 
-def _raw_get(app: FastAPI, path: str) -> tuple[int, bytes]:
+def _raw_get(app: NormserveApp, path: str) -> tuple[int, bytes]:
     """GET with ``path`` exactly as uvicorn would pass it on (already percent-decoded)."""
     messages: list[dict[str, Any]] = []
 
@@ -245,12 +244,15 @@ def test_missing_or_broken_samples_say_how_to_build_them(
         assert client.get("/ui/info.json").json()["samples"] is False
 
 
-def test_page_routes_stay_out_of_openapi_and_inference_metrics(
+def test_page_routes_are_documented_apart_and_never_counted_as_inference(
     repository: Path, report_dir: Path
 ) -> None:
     with _client(repository, report_dir) as client:
         paths = client.get("/openapi.json").json()["paths"]
-        assert not [p for p in paths if p == "/" or p.startswith("/ui")]
+        page = {p: ops for p, ops in paths.items() if p == "/" or p.startswith("/ui")}
+        assert page and all(
+            op["tags"] == ["web page"] for ops in page.values() for op in ops.values()
+        )
         for path in ("/", "/ui/app.js", "/ui/nope.js", "/ui/report/nope.png", "/ui/samples.json"):
             client.get(path)
         metrics = client.get("/metrics").text

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from service.datatypes import DATATYPE_TO_NUMPY, datatype_of
 from service.errors import InvalidInput, RepositoryError
 from service.repository import ModelConfig, ModelVersion, TensorSpec
 
@@ -26,14 +27,6 @@ _LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-# V2 datatype -> numpy dtype of the tensors onnxruntime takes.
-NUMPY_DTYPES = {
-    "BOOL": np.dtype(np.bool_), "UINT8": np.dtype(np.uint8), "UINT16": np.dtype(np.uint16),
-    "UINT32": np.dtype(np.uint32), "UINT64": np.dtype(np.uint64), "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16), "INT32": np.dtype(np.int32), "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16), "FP32": np.dtype(np.float32), "FP64": np.dtype(np.float64),
-}  # fmt: skip
-_DATATYPES = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -163,6 +156,7 @@ class OnnxModel:
                 f"{path.name}: {_load_failure(str(exc))}"
             ) from exc
         self._check_signature()
+        self._specs = {spec.name: spec for spec in self.inputs}
         self.threads = threads
 
     @property
@@ -201,15 +195,27 @@ class OnnxModel:
         for spec in self.inputs:
             if spec.name not in tensors:
                 raise InvalidInput(f"input '{spec.name}' is missing")
-            array = _check_tensor(spec, tensors[spec.name], self.max_batch_size)
+            array = tensors[spec.name]
+            _check_declared(spec, datatype_of(array), array.shape, self.max_batch_size)
             if batch is not None and array.shape[0] != batch:
                 raise InvalidInput(
                     f"input '{spec.name}' has batch size {array.shape[0]}, but another input "
                     f"has {batch}: all inputs must have the same batch size"
                 )
             batch = array.shape[0]
-            checked[spec.name] = array
+            checked[spec.name] = _check_values(spec, array)
         return checked
+
+    def check_declared(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
+        """What ``validate`` checks of one input that its declaration alone decides (name,
+        datatype, rank, dims, batch): for codecs to refuse a request before converting data."""
+        spec = self._specs.get(name)
+        if spec is None:
+            raise InvalidInput(
+                f"model '{self.name}' has no input(s) [{name[:64]!r}]; its inputs are "
+                f"{sorted(self._specs)}"
+            )
+        _check_declared(spec, datatype, shape, self.max_batch_size)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All outputs for already validated inputs."""
@@ -220,11 +226,7 @@ class OnnxModel:
     def warmup(self) -> float:
         """One inference on zeros so the first request pays no lazy initialisation; seconds."""
         started = time.perf_counter()
-        zeros = {
-            s.name: np.zeros([1, *[max(d, 1) for d in s.shape[1:]]], NUMPY_DTYPES[s.datatype])
-            for s in self.inputs
-        }
-        self.run(zeros)
+        self.run({s.name: _example(s) for s in self.inputs})
         return time.perf_counter() - started
 
 
@@ -242,21 +244,26 @@ def _load_failure(message: str) -> str:
     return "the model is invalid or uses an unsupported operator (see the server log)"
 
 
-def datatype_of(array: np.ndarray) -> str:
-    return _DATATYPES.get(array.dtype, "BYTES" if array.dtype == object else str(array.dtype))
+def _example(spec: TensorSpec) -> np.ndarray:
+    """One row of zeros (empty strings for BYTES) in the shape ``spec`` accepts."""
+    shape = [1, *[max(d, 1) for d in spec.shape[1:]]]
+    if spec.datatype == "BYTES":
+        return np.full(shape, b"", dtype=np.object_)
+    return np.zeros(shape, DATATYPE_TO_NUMPY[spec.datatype])
 
 
-def _check_tensor(spec: TensorSpec, array: np.ndarray, max_batch: int) -> np.ndarray:
-    want = NUMPY_DTYPES[spec.datatype]
-    if array.dtype != want:
+def _check_declared(
+    spec: TensorSpec, datatype: str, shape: tuple[int, ...] | list[int], max_batch: int
+) -> None:
+    if datatype != spec.datatype:
         raise InvalidInput(
-            f"input '{spec.name}': expected datatype {spec.datatype}, got {datatype_of(array)}"
+            f"input '{spec.name}': expected datatype {spec.datatype}, got {datatype}"
         )
-    shape = list(array.shape)
+    shape = list(shape)
     if len(shape) != len(spec.shape):
         raise InvalidInput(
             f"input '{spec.name}': expected shape {spec.shape} (rank {len(spec.shape)}), got "
-            f"{shape} (rank {len(shape)})" + _unbatched_hint(spec, shape)
+            f"{_shown(shape)} (rank {len(shape)})" + _unbatched_hint(spec, shape)
         )
     for axis, (want_dim, got_dim) in enumerate(zip(spec.shape, shape, strict=True)):
         if want_dim != -1 and want_dim != got_dim:
@@ -271,6 +278,15 @@ def _check_tensor(spec: TensorSpec, array: np.ndarray, max_batch: int) -> np.nda
             f"input '{spec.name}': batch size {shape[0]} exceeds the model's maximum "
             f"{max_batch} (axis 0 is the batch axis); split the request"
         )
+
+
+def _shown(shape: list[int]) -> str:
+    # A shape can have up to 64 dimensions of any size: keep messages short.
+    text = str(shape)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
         raise InvalidInput(

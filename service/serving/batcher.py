@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
-from service.runtime import OnnxModel
+from service.serving.runtime import OnnxModel
 
 log = logging.getLogger("normserve.batcher")
 
@@ -109,19 +109,23 @@ class Batcher:
     def enqueue(self, inputs: Tensors, deadline: float | None = None) -> asyncio.Future[Tensors]:
         """``submit`` without the coroutine: the future the batch will resolve. Cancelling it
         takes the request out of its batch (if the batch has not started)."""
-        if self._queue is None or self._task is None or self._task.done():
-            raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
+        self.check_room()
+        assert self._queue is not None  # check_room refuses before start()
         rows = next(iter(inputs.values())).shape[0]
         future: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
-        item = _Pending(inputs, rows, future, time.perf_counter(), deadline)
-        try:
-            self._queue.put_nowait(item)
-        except asyncio.QueueFull:
+        self._queue.put_nowait(_Pending(inputs, rows, future, time.perf_counter(), deadline))
+        return future
+
+    def check_room(self) -> None:
+        """Overloaded when the queue is full: callers ask before decoding a request, so that
+        a refusal under overload costs next to nothing."""
+        if self._queue is None or self._task is None or self._task.done():
+            raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
+        if self._queue.full():
             raise Overloaded(
                 f"model '{self.model.name}' is overloaded: {self.max_queue_size} requests are "
                 "already waiting; retry later"
-            ) from None
-        return future
+            )
 
     async def stop(self) -> None:
         """Finish what is queued, then end the loop (graceful shutdown)."""

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from service.datatypes import DATATYPE_TO_NUMPY
 from service.errors import InvalidInput
 from service.repository import ModelConfig, TensorSpec
-from service.runtime import NUMPY_DTYPES
 
 
 def decode_v1(payload: Any, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -109,4 +109,4 @@ def _array(spec: TensorSpec, value: Any) -> np.ndarray:
     # A number past FP32's range becomes inf, which validation then refuses with the element
     # named; numpy's overflow warning would only repeat that in the server log.
     with np.errstate(over="ignore"):
-        return raw.astype(NUMPY_DTYPES[spec.datatype], copy=False)
+        return raw.astype(DATATYPE_TO_NUMPY[spec.datatype], copy=False)

@@ -1,9 +1,11 @@
 """The loaded models: one OnnxModel and one Batcher per model, readiness, and inference.
 
 Built in the app's lifespan from the repository. A model that fails to load (bad config,
-sha256 mismatch, onnxruntime refusal) is kept with its reason: the others are served, the
-server reports not ready (strict readiness, as Triton's default), and requests to the broken
-model get 503 with the reason.
+a path leaving the repository, sha256 mismatch, onnxruntime refusal, a failed warm-up) is
+kept with its reason: the others are served, the server reports not ready (strict
+readiness, as Triton's default), and requests to the broken model get 503 with the reason.
+``strict_models`` turns any such failure into a start-up failure instead (Triton's
+exit-on-error).
 """
 
 from __future__ import annotations
@@ -16,10 +18,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.batcher import Batcher, BatchRecord
-from service.errors import InvalidInput, ModelNotFound, ModelNotReady, NormserveError
-from service.repository import MODEL_NAME, ModelConfig, list_models, verified_file
-from service.runtime import OnnxModel, SessionOptions
+from service.errors import (
+    InvalidInput,
+    ModelNotFound,
+    ModelNotReady,
+    NormserveError,
+    RepositoryError,
+)
+from service.repository import MODEL_NAME, ModelConfig, scan_repository, verified_file
+from service.serving.batcher import Batcher, BatchRecord
+from service.serving.runtime import OnnxModel, SessionOptions
 from service.settings import Settings
 
 log = logging.getLogger("normserve.store")
@@ -51,16 +59,22 @@ class ModelStore:
             intra_op_threads=self.settings.threads_per_session,
             graph_optimization_level=self.settings.graph_optimization_level,
         )
-        for config in list_models(self.settings.repository):
+        configs, failed = scan_repository(self.settings.repository)
+        for name, reason in failed.items():
+            self._fail(name, reason, None)
+        for config in configs:
             try:
                 version = config.latest
                 path = verified_file(self.settings.repository, config, version)
                 model = OnnxModel(config, version, path, options)
                 seconds = model.warmup()
             except NormserveError as exc:
-                # The full cause (onnxruntime's own message) is for operators, in the log.
-                log.error("model '%s' not loaded: %s (cause: %s)", config.name, exc, exc.__cause__)
-                self.failed[config.name] = str(exc)
+                self._fail(config.name, str(exc), exc.__cause__)
+                continue
+            except Exception as exc:
+                # e.g. the engine cannot run a warm-up of this signature: this model's
+                # problem, not the server's. The cause stays in the log, not in answers.
+                self._fail(config.name, "its warm-up inference failed (see the server log)", exc)
                 continue
             batching = config.batching
             self.served[config.name] = Served(
@@ -90,6 +104,13 @@ class ModelStore:
                 seconds * 1000,
             )
 
+    def _fail(self, name: str, reason: str, cause: BaseException | None) -> None:
+        # The full cause (onnxruntime's own message) is for operators, in the log.
+        log.error("model '%s' not loaded: %s (cause: %r)", name, reason, cause)
+        self.failed[name] = reason
+        if self.settings.strict_models:
+            raise RepositoryError(f"model '{name}' not loaded: {reason} (strict_models is on)")
+
     def start(self) -> None:
         for served in self.served.values():
             served.batcher.start()
@@ -116,18 +137,21 @@ class ModelStore:
                 raise ModelNotReady(
                     f"model '{name}' is not available: it failed to load ({self.failed[name]})"
                 )
-            raise ModelNotFound(f"model '{name}' not found; available: {self.names()}")
+            # Triton's wording, which its clients' examples test for; no list of the others.
+            raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
         if version not in (None, "", served.version):
             raise ModelNotFound(
-                f"model '{name}' version '{version}' not found; served version: {served.version}"
+                f"Request for unknown model: '{name}' version '{version[:32]}' is not found; "
+                f"served version: {served.version}"
             )
         return served
 
-    async def infer(
-        self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None
-    ) -> dict[str, np.ndarray]:
-        """Validate against the signature, then run in a batch before the deadline."""
-        return await self.submit(served, tensors, timeout_ms)
+    def admit(self, name: str, version: str | None = None) -> Served:
+        """The model, if it can take one more request now: the cheap checks a transport makes
+        before it reads and decodes a body (unknown model, not ready, queue full)."""
+        served = self.get(name, version)
+        served.batcher.check_room()
+        return served
 
     def submit(
         self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None

@@ -1,0 +1,127 @@
+"""ASGI in the few words this server needs: the types, one request, one response.
+
+No web framework: profiled under load, FastAPI's routing, dependency solving and
+middleware took about half of the event loop's time per inference request, and
+Starlette's Request/Response objects another ~15% of what was left (docs/design/
+protocol-core.md has the numbers). A request here reads its headers from the scope and its
+body from ``receive``; a response is two ``send`` messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import orjson
+
+from service.errors import ClientDisconnected, PayloadTooLarge
+from service.protocol.request_limits import header_int
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RawHeaders = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Request:
+    scope: Scope
+    receive: Receive
+    params: dict[str, str]
+    request_id: bytes
+
+    @property
+    def method(self) -> str:
+        method: str = self.scope["method"]
+        return method
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of header ``name`` (lower case), as latin-1 text."""
+        for key, value in self.scope["headers"]:
+            if key == name:
+                text: str = value.decode("latin-1")
+                return text
+        return None
+
+    async def body(self, limit: int) -> bytes:
+        """The body, refused with 413 past ``limit`` bytes (the declared Content-Length
+        first, then counted while streaming)."""
+        declared = header_int("Content-Length", self.header(b"content-length"))
+        if declared is not None and declared > limit:
+            raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("the client disconnected while sending its body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def until_disconnected(self, result: asyncio.Future[T]) -> T:
+        """``result``, or cancel it when the client goes away first.
+
+        Cancelling the batcher's future makes the batcher skip the request: a client that
+        gave up costs no inference and frees its place in the queue. One watcher task per
+        request and a callback; no task for the work itself and no ``asyncio.wait``, which
+        together cost about 8% of the event loop's time per request under load.
+        """
+        watcher = asyncio.ensure_future(_disconnect(self.receive))
+        watcher.add_done_callback(functools.partial(_cancel_on_disconnect, result))
+        try:
+            return await result
+        except asyncio.CancelledError:
+            if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
+                raise ClientDisconnected(
+                    "the client disconnected before its answer was ready"
+                ) from None
+            raise  # the server cancelled this request (shutdown): not the client's doing
+        finally:
+            watcher.cancel()
+
+
+def _cancel_on_disconnect(result: asyncio.Future[Any], watcher: asyncio.Future[None]) -> None:
+    if not watcher.cancelled() and watcher.exception() is None and not result.done():
+        result.cancel()
+
+
+async def _disconnect(receive: Receive) -> None:
+    # The body has been read: the next message can only be the disconnect.
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    headers: RawHeaders = field(default_factory=list)
+
+
+def json_response(content: Any, status: int = 200) -> Response:
+    return Response(status, orjson.dumps(content), [(b"content-type", JSON)])
+
+
+async def send_response(
+    send: Send, response: Response, request_id: bytes, *, head: bool = False
+) -> None:
+    headers = response.headers
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    headers.append((b"x-request-id", request_id))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if head else response.body})

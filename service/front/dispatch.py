@@ -1,0 +1,83 @@
+"""The HTTP front's one dispatcher: route, call the handler, answer, log, count.
+
+Every HTTP request passes here once: its request id (the client's ``X-Request-ID``, or a
+new one), the route table match (404 / 405 otherwise), the handler, the one error map
+(service.front.errors), one access-log line and, for inference routes, the request
+metrics. No framework stack in between: see service.front.asgi for why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from service.errors import NormserveError
+from service.front.asgi import Receive, Request, Response, Scope, Send, send_response
+from service.front.context import Context
+from service.front.errors import domain_error_response, error_response, internal_error_response
+from service.front.routing import MethodNotAllowed, NoRoute, Route, Router
+from service.operations.access import MAX_ID_BYTES, log_access, new_request_id
+
+log = logging.getLogger("normserve")
+
+
+class HttpFront:
+    def __init__(self, ctx: Context, router: Router, access_log: bool) -> None:
+        self.ctx = ctx
+        self.router = router
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = b""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value[:MAX_ID_BYTES]
+                break
+        request_id = request_id or new_request_id()
+        started = time.perf_counter()
+        method: str = scope["method"]
+        path: str = scope["path"]
+        route: Route | None = None
+        params: dict[str, str] = {}
+        try:
+            route, params = self.router.match(method, path)
+            response = await route.handler(self.ctx, Request(scope, receive, params, request_id))
+        except MethodNotAllowed as exc:
+            allow = ", ".join(exc.allowed).encode()
+            response = error_response(405, str(exc), [(b"allow", allow)])
+        except NoRoute as exc:
+            response = error_response(404, str(exc))
+        except NormserveError as exc:
+            response = domain_error_response(exc)
+        except asyncio.CancelledError:
+            # The server cancelled this request (shutdown past its grace period): answer
+            # cleanly if the connection still listens, and let the cancellation go on.
+            response = error_response(503, "the server is shutting down; retry")
+            await self._send(send, response, request_id, method)
+            raise
+        except Exception:
+            log.exception("unhandled error on %s %s", method, path)
+            response = internal_error_response()
+        status = response.status
+        # Sent even for a client that went away (499): the server drops it then.
+        await self._send(send, response, request_id, method)
+        seconds = time.perf_counter() - started
+        if route is not None and route.inference is not None:
+            self._observe(params["model_name"], route.inference, status, seconds)
+        if self.access_log:
+            client = (scope.get("client") or ("", 0))[0]
+            log_access(request_id, method, path, status, seconds, client)
+
+    async def _send(self, send: Send, response: Response, request_id: bytes, method: str) -> None:
+        with contextlib.suppress(OSError):  # the connection is gone: nothing more to do
+            await send_response(send, response, request_id, head=method == "HEAD")
+
+    def _observe(self, model: str, protocol: str, status: int, seconds: float) -> None:
+        # Only names the repository has become label values: a client must not be able to
+        # grow the metrics without bound by inventing model names.
+        store = self.ctx.protocol.store
+        known = model in store.served or model in store.failed
+        label = model if known else "unknown"
+        self.ctx.metrics.on_request(label, protocol, status, seconds, known)

@@ -1,0 +1,51 @@
+"""V1 (KServe V1 / TensorFlow-Serving) JSON routes, for people with curl. Translation only."""
+
+from __future__ import annotations
+
+import orjson
+
+from service.front.asgi import JSON, Request, Response, json_response
+from service.front.context import Context
+from service.front.routing import Route
+from service.protocol.request_limits import check_depth, decode_json_body
+from service.protocol.v1 import decode_v1, encode_v1
+
+
+async def model_status(ctx: Context, request: Request) -> Response:
+    served = ctx.protocol.store.get(request.params["model_name"])
+    config = served.config
+    return json_response(
+        {
+            "name": config.name,
+            "ready": True,
+            "version": served.version,
+            "description": config.description,
+            "inputs": [s.model_dump() for s in config.inputs],
+            "outputs": [s.model_dump() for s in config.outputs],
+            "labels": config.labels,
+        }
+    )
+
+
+async def predict(ctx: Context, request: Request) -> Response:
+    served = ctx.protocol.admit(request.params["model_name"], None)
+    settings = ctx.settings
+    body = await request.body(settings.max_request_bytes)
+    payload = decode_json_body(body)
+    check_depth(payload, settings.max_json_depth, body)
+    outputs = await request.until_disconnected(
+        ctx.protocol.submit(served, decode_v1(payload, served.config), None)
+    )
+    return Response(200, orjson.dumps(encode_v1(outputs, served.config)), [(b"content-type", JSON)])
+
+
+def routes() -> list[Route]:
+    return [
+        Route("GET", "/v1/models/{model_name}", model_status,
+              "Model status, signature and labels", "v1", answer="V1ModelStatus",
+              errors=(400, 404, 503)),
+        Route("POST", "/v1/models/{model_name}:predict", predict,
+              "Prediction from instances or columnar inputs", "v1", inference="v1",
+              body="V1PredictRequest", answer="V1PredictResponse",
+              errors=(400, 404, 408, 413, 503, 504)),
+    ]  # fmt: skip

@@ -1,0 +1,109 @@
+"""Open Inference Protocol (KServe V2 / Triton) REST routes. They only translate HTTP to
+service.protocol calls and back."""
+
+from __future__ import annotations
+
+from service.front.asgi import Request, Response, json_response
+from service.front.context import Context
+from service.front.routing import Route
+from service.protocol.request_limits import header_int
+from service.protocol.v2_binary import HEADER_LENGTH
+from service.protocol.v2_request import decode_infer_request
+from service.protocol.v2_response import encode_infer_response
+
+_HEADER_LENGTH = HEADER_LENGTH.lower().encode()
+
+
+async def live(ctx: Context, request: Request) -> Response:
+    return json_response({"live": ctx.protocol.live()})
+
+
+async def ready(ctx: Context, request: Request) -> Response:
+    is_ready = ctx.protocol.ready()
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+async def server_metadata(ctx: Context, request: Request) -> Response:
+    return json_response(ctx.protocol.server_metadata())
+
+
+async def model_metadata(ctx: Context, request: Request) -> Response:
+    p = request.params
+    return json_response(ctx.protocol.model_metadata(p["model_name"], p.get("version")))
+
+
+async def model_ready(ctx: Context, request: Request) -> Response:
+    p = request.params
+    return json_response(ctx.protocol.model_ready(p["model_name"], p.get("version")))
+
+
+async def model_config(ctx: Context, request: Request) -> Response:
+    p = request.params
+    return json_response(ctx.protocol.model_config(p["model_name"], p.get("version")))
+
+
+async def model_stats(ctx: Context, request: Request) -> Response:
+    p = request.params
+    return json_response(ctx.protocol.model_stats(p.get("model_name"), p.get("version")))
+
+
+async def repository_index(ctx: Context, request: Request) -> Response:
+    return json_response(ctx.protocol.repository_index())
+
+
+async def infer(ctx: Context, request: Request) -> Response:
+    # Cheapest first: the model and room in its queue, before the body is read or decoded,
+    # so that refusals under overload cost next to nothing.
+    served = ctx.protocol.admit(request.params["model_name"], request.params.get("version"))
+    settings = ctx.settings
+    json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
+    body = await request.body(settings.max_request_bytes)
+    decoded = decode_infer_request(body, json_length, settings.limits, served.model.check_declared)
+    outputs = await request.until_disconnected(
+        ctx.protocol.submit(served, decoded.inputs, decoded.timeout_ms, decoded.outputs)
+    )
+    payload, headers = encode_infer_response(
+        served.config.name,
+        served.version,
+        decoded.id,
+        outputs,
+        decoded.outputs,
+        decoded.binary_output,
+    )
+    return Response(200, payload, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
+
+
+_MODEL = "/v2/models/{model_name}"
+_VERSION = "/v2/models/{model_name}/versions/{version}"
+_UNKNOWN = (400, 404, 503)
+
+
+def routes() -> list[Route]:
+    table = [
+        Route("GET", "/v2/health/live", live, "Server liveness", "health", answer="Live"),
+        Route("GET", "/v2/health/ready", ready, "Server readiness: every model loaded",
+              "health", answer="Ready", errors=(503,)),
+        Route("GET", "/v2", server_metadata, "Server metadata and extensions", "metadata",
+              answer="ServerMetadata"),
+        Route("GET", "/v2/models/stats", model_stats, "Statistics of every served model",
+              "statistics", answer="Statistics"),
+        Route("POST", "/v2/repository/index", repository_index,
+              "Every model in the repository, with its state and the reason when unavailable",
+              "repository", answer="RepositoryIndex"),
+    ]  # fmt: skip
+    for base, which in ((_MODEL, "the served version"), (_VERSION, "one version")):
+        table += [
+            Route("GET", base, model_metadata, f"Model metadata ({which})", "metadata",
+                  answer="ModelMetadata", errors=_UNKNOWN),
+            Route("GET", f"{base}/ready", model_ready, f"Model readiness ({which})", "health",
+                  answer="ModelReady", errors=_UNKNOWN),
+            Route("GET", f"{base}/config", model_config,
+                  f"Triton model configuration ({which})", "metadata", answer="ModelConfig",
+                  errors=_UNKNOWN),
+            Route("GET", f"{base}/stats", model_stats, f"Model statistics ({which})",
+                  "statistics", answer="Statistics", errors=_UNKNOWN),
+            Route("POST", f"{base}/infer", infer, f"Inference ({which})", "inference",
+                  inference="v2", body="InferenceRequest", answer="InferenceResponse",
+                  errors=(400, 404, 408, 413, 503, 504)),
+        ]  # fmt: skip
+    return table

@@ -1,0 +1,178 @@
+"""The protocol's operations, answered from the models layer, for every transport.
+
+Each method takes what the protocol names (model, version, decoded tensors) and returns
+plain data (dicts in the V2 JSON shapes, tensors), or raises a ``service.errors`` domain
+error. The HTTP routes (service.front) translate HTTP to these calls and back; a second
+transport (gRPC) calls the same methods and maps the same errors to its own codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.operations.metrics import Metrics, ModelStats
+from service.protocol.v2_types import RequestedOutput
+from service.repository import TensorSpec
+from service.serving.store import ModelStore, Served
+
+SERVER_NAME = "normserve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_configuration", "statistics", "model_repository"]
+
+Tensors = dict[str, np.ndarray]
+
+
+class Protocol:
+    """The Open Inference Protocol (plus Triton's configuration, statistics and repository
+    extensions) over one ModelStore."""
+
+    def __init__(self, store: ModelStore, metrics: Metrics) -> None:
+        self.store = store
+        self.metrics = metrics
+
+    # ----------------------------------------------------------------- health and server
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self.store.ready
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
+
+    # ----------------------------------------------------------------- models
+
+    def model_ready(self, name: str, version: str | None) -> dict[str, Any]:
+        served = self.store.get(name, version)
+        return {"name": served.config.name, "ready": True}
+
+    def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        served = self.store.get(name, version)
+        config = served.config
+        return {
+            "name": config.name,
+            "versions": [served.version],
+            "platform": served.model.platform,
+            "inputs": [s.model_dump() for s in config.inputs],
+            "outputs": [s.model_dump() for s in config.outputs],
+            "parameters": {
+                "description": config.description,
+                "max_batch_size": served.batcher.max_batch_size,
+                # Clients must send such a model whole batches: the service never merges them.
+                "batch_dependent": config.batch_dependent,
+                **({"labels": config.labels} if config.labels is not None else {}),
+                **({"derived_from": config.derived_from} if config.derived_from else {}),
+            },
+        }
+
+    def model_config(self, name: str, version: str | None) -> dict[str, Any]:
+        """Triton's model configuration (``GET /v2/models/{m}/config``)."""
+        served = self.store.get(name, version)
+        config = served.config
+        batcher = served.batcher
+        dynamic_batching = {
+            "max_queue_delay_microseconds": int(batcher.max_queue_delay_s * 1e6),
+            "default_queue_policy": {"max_queue_size": batcher.max_queue_size},
+        }
+        return {
+            "name": config.name,
+            "platform": served.model.platform,
+            "backend": served.model.platform.removesuffix("_onnx"),
+            "max_batch_size": batcher.max_batch_size,
+            "input": [_triton_tensor(s) for s in config.inputs],
+            "output": [_triton_tensor(s) for s in config.outputs],
+            # Triton's way to say "requests are never merged": no dynamic_batching section.
+            **({} if config.batch_dependent else {"dynamic_batching": dynamic_batching}),
+            "version_policy": {"latest": {"num_versions": 1}},
+            "instance_group": [{"kind": "KIND_CPU", "count": 1}],
+            "parameters": {
+                "intra_op_thread_count": {"string_value": str(served.model.threads)},
+                "batch_dependent": {"string_value": str(config.batch_dependent).lower()},
+            },
+        }
+
+    def model_stats(self, name: str | None, version: str | None) -> dict[str, Any]:
+        """Triton's statistics extension, for one model or (``name`` None) every served one."""
+        names = [self.store.get(name, version).config.name] if name else list(self.store.served)
+        stats = self.metrics.model_stats()
+        return {
+            "model_stats": [_stats(self.store.served[n], stats.get(n, ModelStats())) for n in names]
+        }
+
+    def repository_index(self) -> list[dict[str, Any]]:
+        index = [
+            {"name": name, "version": served.version, "state": "READY", "reason": ""}
+            for name, served in self.store.served.items()
+        ] + [
+            {"name": name, "state": "UNAVAILABLE", "reason": reason}
+            for name, reason in self.store.failed.items()
+        ]
+        return sorted(index, key=lambda e: e["name"])
+
+    # ----------------------------------------------------------------- inference
+
+    def admit(self, name: str, version: str | None) -> Served:
+        """The model for one more inference, or the refusal, before any body is read."""
+        return self.store.admit(name, version)
+
+    def submit(
+        self,
+        served: Served,
+        inputs: Tensors,
+        timeout_ms: float | None,
+        requested: list[RequestedOutput] | None = None,
+    ) -> asyncio.Future[Tensors]:
+        """Validates ``inputs`` and the requested outputs against the model, then queues the
+        request; the future resolves with all of the model's outputs."""
+        if requested is not None:
+            known = [s.name for s in served.config.outputs]
+            for output in requested:
+                if output.name not in known:
+                    raise InvalidInput(
+                        f"requested output {output.name[:64]!r} does not exist; "
+                        f"the model's outputs are: {', '.join(map(repr, known))}"
+                    )
+        return self.store.submit(served, inputs, timeout_ms)
+
+
+def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
+    # Triton's dims leave out the batch axis when max_batch_size > 0.
+    return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.shape[1:]}
+
+
+def _stats(served: Served, s: ModelStats) -> dict[str, Any]:
+    def pair(count: int, ns: int) -> dict[str, int]:
+        return {"count": count, "ns": ns}
+
+    zero = pair(0, 0)
+    return {
+        "name": served.config.name,
+        "version": served.version,
+        "last_inference": s.last_inference_ms,
+        "inference_count": s.inference_count,
+        "execution_count": s.execution_count,
+        "inference_stats": {
+            "success": pair(s.success_count, s.success_ns),
+            "fail": pair(s.fail_count, s.fail_ns),
+            "queue": pair(s.success_count + s.fail_count, s.queue_ns),
+            "compute_input": zero,
+            "compute_infer": pair(s.execution_count, s.compute_ns),
+            "compute_output": zero,
+            "cache_hit": zero,
+            "cache_miss": zero,
+        },
+        "batch_stats": [
+            {
+                "batch_size": size,
+                "compute_input": zero,
+                "compute_infer": pair(count, ns),
+                "compute_output": zero,
+            }
+            for size, (count, ns) in sorted(s.batch_sizes.items())
+        ],
+    }
