@@ -11,7 +11,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -29,7 +29,7 @@ from export import (
     ParityError,
     export_onnx,
 )
-from export.parity import PARITY_FLOOR, ParityRule
+from export.parity import PARITY_FLOOR, ParityRule, default_batches
 
 # onnxruntime vs PyTorch eval: max|Δ| <= RTOL * max(1, max|torch|), the tool's default bound.
 RTOL = 1e-5
@@ -423,3 +423,57 @@ def test_graph_the_checker_rejects_raises_an_export_error(tmp_path: Path) -> Non
     with pytest.raises(ExportError):
         export_onnx(SqueezesBatch(), torch.randn(2, 4), path)
     assert not path.exists()
+
+
+# ---------------------------------------------------------------------------- outputs, batches
+
+
+class Heads(NamedTuple):
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class Structured(nn.Module):
+    """Returns a dict holding a dict, a tuple and a namedtuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x: torch.Tensor) -> dict[str, Any]:
+        h = self.fc(x)
+        return {"a": {"b": h[:, :2]}, "c": (h[:, 2:3], h[:, 3:4]), "d": Heads(h[:, 4:], -h)}
+
+
+STRUCTURED_NAMES = ["a.b", "c_0", "c_1", "d.logits", "d.features"]
+
+
+def test_structured_outputs_are_named_from_keys_and_checked_each(tmp_path: Path) -> None:
+    torch.manual_seed(SEED)
+    model = Structured()
+    report = export_onnx(model, torch.randn(2, 4), tmp_path / "model.onnx")
+    assert [o.name for o in report.outputs] == STRUCTURED_NAMES
+    assert [o.shape for o in report.outputs] == [[-1, 2], [-1, 1], [-1, 1], [-1, 2], [-1, 6]]
+    assert [o.name for o in onnx.load(str(report.path)).graph.output] == STRUCTURED_NAMES
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(SEED))
+    got = session(report.path).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        out = model(x)
+    want = [out["a"]["b"], *out["c"], out["d"].logits, out["d"].features]
+    for g, w in zip(got, want, strict=True):
+        assert float(np.abs(g - w.numpy()).max()) <= bound(w.numpy())
+
+
+def test_explicit_output_names_must_match_the_flattened_count(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="2 output names for 5 outputs"):
+        export_onnx(Structured(), torch.randn(2, 4), tmp_path / "m.onnx", output_names=["x", "y"])
+
+
+@pytest.mark.parametrize(
+    ("shape", "batches"),
+    [((3, 224, 224), [1, 3]), ((3, 64, 64), [1, 5]), ((3, 32, 32), [1, 7, 21]),
+     ((1, 8, 8), [1, 7, 64])],
+)  # fmt: skip
+def test_parity_batches_are_sized_by_the_input(shape: tuple[int, ...], batches: list[int]) -> None:
+    """Batch 1 and one batch other than the export's 2 always: the batch axis is checked."""
+    assert default_batches([torch.zeros(2, *shape)]) == batches
