@@ -54,6 +54,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-mlserver", action="store_true", help="skip the MLServer peer")
     parser.add_argument("--no-http", action="store_true", help="engines only")
     parser.add_argument(
+        "--export-model",
+        default="resnet50:224",
+        help="torchvision MODEL:SIDE whose export the tool and plain torch.onnx.export time "
+        "side by side ('none' skips it)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="1 round, 1 s points, concurrency 1 and 64: a smoke run",
@@ -62,6 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.quick:
         args.rounds, args.http_rounds, args.duration = 1, 1, 1.0
         args.concurrency, args.cold_starts = "1,64", 1
+        if args.export_model == parser.get_default("export_model"):
+            args.export_model = "resnet18:64"
     return args
 
 
@@ -115,6 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results = benchmark_engines(exported[name], threads, args.rounds, log=log)
         report["engines"][name] = [r.summary() for r in results]
 
+    report["export_time"] = export_timing(args)
     report["cold_start"] = cold_starts(args, work)
     if http_names:
         reason = wrk_available()
@@ -158,6 +167,21 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
+
+
+def export_timing(args: argparse.Namespace) -> dict[str, Any]:
+    """The export tool against a plain torch.onnx.export of the same torchvision model."""
+    if args.export_model == "none":
+        return {"skipped": "--export-model none"}
+    name, _, side = args.export_model.partition(":")
+    rounds = 1 if args.quick else 2
+    log(f"export time: {name} at {side}x{side}, tool vs plain torch.onnx.export, {rounds} rounds")
+    try:
+        from benchmarks.export_time import time_export
+    except ModuleNotFoundError as exc:  # torchvision is a dev extra
+        log(f"export time skipped: {exc}")
+        return {"skipped": str(exc)}
+    return time_export(name, int(side or 224), rounds, log)
 
 
 def cold_starts(args: argparse.Namespace, work: Path) -> dict[str, Any]:

@@ -143,6 +143,7 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     goals.extend(_reduced_precision_goals(report, threads))
+    goals.extend(_export_time_goals(report))
     cold = report.get("cold_start", {})
     if cold.get("normserve_first_inference_s"):
         median = statistics.median(cold["normserve_first_inference_s"])
@@ -179,6 +180,25 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
             )
         )
     return goals
+
+
+def _export_time_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The export tool's time over a plain torch.onnx.export's, same model, same run."""
+    timing = report.get("export_time", {})
+    if "ratio" not in timing:
+        return []
+    side = timing["input"][-1]
+    plain, tool = statistics.median(timing["plain_s"]), statistics.median(timing["tool_s"])
+    phases = ", ".join(f"{k} {v:.1f}" for k, v in timing["tool_phases_s"].items() if k != "total")
+    return [
+        _goal(
+            f"export tool vs plain torch.onnx.export, {timing['model']} {side}x{side}",
+            timing["ratio"],
+            "< 2",
+            timing["ratio"] < 2,
+            f"{tool:.1f} s vs {plain:.1f} s (tool: {phases})",
+        )
+    ]
 
 
 def _reduced_precision_goals(report: dict[str, Any], threads: int) -> list[dict[str, Any]]:

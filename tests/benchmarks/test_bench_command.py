@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from benchmarks.__main__ import main, multi_server_name
-from benchmarks.report import evaluate_goals
+from benchmarks.report import evaluate_goals, write_markdown
 from benchmarks.wrk import wrk_available
 from service.settings import cpu_budget
 
@@ -121,3 +121,38 @@ def test_goal_arithmetic() -> None:
     int8 = goals["m: ort int8 b32 vs served fp32"]
     assert math.isclose(int8["measured"], 1.6) and int8["met"] is True  # 0.5-point drop: met
     assert goals["m: RSS after load, one worker"]["met"] is True
+
+
+def test_export_time_is_measured_side_by_side(smoke_report: dict[str, Any]) -> None:
+    timing = smoke_report["export_time"]
+    assert timing["model"] == "resnet18" and timing["input"] == [2, 3, 64, 64]
+    assert min(timing["plain_s"]) > 0 and min(timing["tool_s"]) > 0
+    assert {"fold", "export", "parity", "write"} <= timing["tool_phases_s"].keys()
+    assert "vs float64" in timing["parity"]
+    goal = {g["goal"]: g for g in smoke_report["goals"]}[
+        "export tool vs plain torch.onnx.export, resnet18 64x64"
+    ]
+    assert goal["met"] in (True, False) and goal["measured"] == timing["ratio"]
+
+
+def test_export_time_goal_arithmetic(tmp_path: Path) -> None:
+    timing: dict[str, Any] = {
+        "model": "resnet50",
+        "input": [2, 3, 224, 224],
+        "plain_s": [5.0, 7.0],
+        "tool_s": [9.0, 13.0],
+        "ratio": 11.0 / 6.0,
+        "tool_phases_s": {"fold": 1.0, "export": 6.0, "parity": 3.0, "total": 11.0},
+    }
+    report: dict[str, Any] = {"machine": {}, "export_time": timing}
+    goal = {g["goal"]: g for g in evaluate_goals(report)}[
+        "export tool vs plain torch.onnx.export, resnet50 224x224"
+    ]
+    assert goal["met"] is True and goal["detail"].startswith("11.0 s vs 6.0 s")
+    report["goals"] = [goal]
+    assert "| export tool vs plain torch.onnx.export, resnet50 224x224 | 1.83 | < 2 | yes |" in (
+        write_markdown(report, tmp_path / "bench.md")
+    )
+    timing["tool_s"] = [13.0, 13.0]
+    timing["ratio"] = 13.0 / 6.0
+    assert not {g["goal"]: g for g in evaluate_goals(report)}[goal["goal"]]["met"]
