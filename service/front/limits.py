@@ -19,11 +19,12 @@ client. ``GuardedHttpProtocol`` is that protocol with limits, each a Settings fi
 - ``idle_timeout_s`` without a request, on a fresh connection that has sent nothing as on a
   kept-alive one between requests: closed without an answer.
 - ``max_connections`` per process, never more than the open-file limit (raised to its hard
-  limit at start-up) minus OPEN_FILES_RESERVE. At the cap, the connection that has waited
-  longest without a request in progress (idle, still sending its headers, or lingering after
-  an answer from here) is closed to admit the new one, so silent and slow connections cannot
-  lock out real clients; only when every connection has a request in progress is the new one
-  closed at once, before anything is read from it.
+  limit at start-up) minus OPEN_FILES_RESERVE. At the cap, the longest-standing connection
+  without a request in progress (idle, still sending its headers, or lingering after an answer
+  from here) is closed to admit the new one, so silent and slow connections cannot lock out
+  real clients; a connection found busy goes to the back of the line. Only when none of the
+  first EVICTION_SCAN looked at is at rest is the new one closed at once, before anything is
+  read from it.
 - On SIGTERM, a request still sending its headers or body is answered 503 at once instead of
   waiting out the graceful period to end in a 500 with a traceback; requests whose body has
   arrived drain as before.
@@ -34,8 +35,12 @@ closing a socket with unread data makes the kernel send a reset, which can destr
 before the client has read it.
 
 Deadlines are checked by one sweep per process every ``tick_s`` (a quarter of the shortest
-timeout, at most 1 s), not by a timer per request: on the hot path a phase change only stores
-a deadline, and a request crosses four overridden callbacks (~1 µs in all).
+timeout, at most 1 s), not by a timer per request, against a clock read once per tick. On the
+hot path a request crosses two overridden callbacks that store a phase and a deadline:
+in process, with a trivial app, 27.2 µs of CPU per keep-alive request against uvicorn's own
+23.6 µs (the same callbacks overridden with nothing in them: 25.0 µs). A first version that
+also kept an eviction queue and its own keep-alive deadline up to date on every request cost
+twice as much; now eviction and keep-alive read uvicorn's state only when they are due.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import Any
 
 import orjson
 from uvicorn.config import Config
+from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -64,6 +70,9 @@ LINGER_S = 1.0
 # The guard's refusals are counted and logged at most this often, so a flood is one log line
 # per interval rather than one per connection.
 REPORT_EVERY_S = 10.0
+# At the cap, how many connections a new one may look through for one to evict: bounds the
+# cost of each connection attempt when every connection is busy.
+EVICTION_SCAN = 64
 
 # Where the parser is in a connection's current request.
 IDLE, HEADERS, BODY = 0, 1, 2
@@ -138,33 +147,49 @@ class Guard:
     def __init__(self, limits: FrontLimits, loop: asyncio.AbstractEventLoop) -> None:
         self.limits = limits
         self.loop = loop
-        self.connections: set[GuardedHttpProtocol] = set()
-        # Connections without a request in progress, longest waiting first: the eviction order.
-        self.evictable: OrderedDict[GuardedHttpProtocol, None] = OrderedDict()
+        # Admission order, refreshed for a connection found busy: the eviction order.
+        self.connections: OrderedDict[GuardedHttpProtocol, None] = OrderedDict()
         self.sweeping: asyncio.TimerHandle | None = None
         self.counts: Counter[str] = Counter()
         self.reported_at = loop.time()
+        # A clock read once per tick, not per request; a tick is added to each timeout so
+        # that none ends early: each ends within two ticks after it is due.
+        self.now = loop.time()
+        tick = limits.tick_s
+        self.header_s = limits.header_timeout_s + tick
+        self.body_s = limits.body_timeout_s + tick
+        self.idle_s = limits.idle_timeout_s + tick
 
     def admit(self, connection: GuardedHttpProtocol) -> bool:
         if len(self.connections) >= self.limits.max_connections:
-            if not self.evictable:
+            victim = self._at_rest()
+            if victim is None:
                 self.counts["refused at the cap"] += 1
                 return False
-            victim, _ = self.evictable.popitem(last=False)
-            self.connections.discard(victim)
+            self.forget(victim)
             victim.transport.close()
             self.counts["evicted at the cap"] += 1
-        self.connections.add(connection)
+        self.connections[connection] = None
         if self.sweeping is None:
+            self.now = self.loop.time()
             self.sweeping = self.loop.call_later(self.limits.tick_s, self.sweep)
         return True
 
+    def _at_rest(self) -> GuardedHttpProtocol | None:
+        """The longest-standing connection without a request in progress, among the first
+        EVICTION_SCAN; those found busy go to the back of the line."""
+        for _ in range(min(EVICTION_SCAN, len(self.connections))):
+            candidate = next(iter(self.connections))
+            if candidate.at_rest():
+                return candidate
+            self.connections.move_to_end(candidate)
+        return None
+
     def forget(self, connection: GuardedHttpProtocol) -> None:
-        self.connections.discard(connection)
-        self.evictable.pop(connection, None)
+        self.connections.pop(connection, None)
 
     def sweep(self) -> None:
-        now = self.loop.time()
+        self.now = now = self.loop.time()
         for connection in [c for c in self.connections if c.deadline <= now]:
             connection.expire()
         if self.counts and now - self.reported_at >= REPORT_EVERY_S:
@@ -189,7 +214,12 @@ def _guard_of(state: ServerState, loop: asyncio.AbstractEventLoop) -> Guard:
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with the limits above; pass it as ``uvicorn.run(http=)``."""
+    """uvicorn's httptools protocol with the limits above; pass it as ``uvicorn.run(http=)``.
+
+    Per request it adds two overridden callbacks (``data_received``, ``on_message_complete``)
+    and a few attribute writes; deadlines, eviction and the keep-alive timeout read uvicorn's
+    own state when they are due instead of being kept up to date on every request.
+    """
 
     def __init__(
         self,
@@ -201,7 +231,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.guard = _guard_of(server_state, self.loop)
         self.limits = self.guard.limits
-        # uvicorn's own keep-alive timer then closes at the same time as the sweep would.
+        # Between requests uvicorn's own keep-alive timer closes an idle connection.
         self.timeout_keep_alive = self.limits.idle_timeout_s  # type: ignore[assignment]
         self.phase = IDLE
         self.deadline = math.inf
@@ -216,7 +246,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.answered = True
             transport.close()
             return
-        self._settle()
+        self.deadline = self.guard.now + self.guard.idle_s  # a fresh connection's first request
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.guard.forget(self)
@@ -227,69 +257,58 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.answered:
             return
-        if self.phase == BODY or len(data) <= self.header_room:
-            if self.phase != BODY:
-                self.header_room -= len(data)
+        if self.phase == BODY:
             super().data_received(data)
+            return
+        if self.phase == IDLE:  # the first bytes of a request
+            self.phase = HEADERS
+            self.deadline = self.guard.now + self.guard.header_s
+        cycle = self.cycle
+        room = self.header_room
+        if len(data) <= room:
+            self.header_room = room - len(data)
+            super().data_received(data)
+            self._after_headers(cycle)
             return
         # More than this request's header section may still take: parse only that much. The
         # bytes after a request that ends within one read are not counted against the next
         # one, so a pipelined request may exceed the limit by at most one read (256 KiB).
-        room = self.header_room
         completed = self.completed
         super().data_received(data[:room])
         if self.answered or self.transport.is_closing():
             return
+        self._after_headers(cycle)
         if self.phase == BODY or self.completed != completed:
             self.data_received(data[room:])
         else:
             self.guard.counts["431"] += 1
             self.answer(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.phase = HEADERS
-        self.deadline = self.loop.time() + self.limits.header_timeout_s
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        self.phase = BODY
-        # A pipelined request's body waits for the server, not for the client.
-        self.deadline = math.inf if self.pipeline else self.loop.time() + self.limits.body_timeout_s
-        self.guard.evictable.pop(self, None)
+    def _after_headers(self, before: httptools_impl.RequestResponseCycle | None) -> None:
+        # uvicorn makes a new cycle when a request's headers are complete; if its body is
+        # still to come, the body deadline starts now.
+        cycle = self.cycle
+        if cycle is not before and cycle.more_body and not self.answered:
+            self.phase = BODY
+            self.deadline = self.guard.now + self.guard.body_s
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.phase = IDLE
         self.header_room = self.limits.max_header_bytes
         self.completed += 1
-        self._settle()
+        self.deadline = math.inf  # the request is in; then uvicorn's keep-alive timer applies
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._settle()
-
-    def _settle(self) -> None:
-        """The deadline and eviction order once a request is received or answered."""
+    def at_rest(self) -> bool:
+        """No request in progress: idle, sending headers, or lingering after an answer."""
         cycle = self.cycle
-        busy = bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
-        if self.answered:
-            return
-        if self.phase == BODY:
-            if not self.pipeline and self.deadline == math.inf:  # a pipelined request's turn
-                self.deadline = self.loop.time() + self.limits.body_timeout_s
-        elif busy:
-            if self.phase == IDLE:
-                self.deadline = math.inf  # the app's own deadlines apply
-            self.guard.evictable.pop(self, None)
-        else:
-            if self.phase == IDLE:
-                self.deadline = self.loop.time() + self.limits.idle_timeout_s
-            self.guard.evictable.setdefault(self, None)
+        return self.answered or (
+            self.phase != BODY and not self.pipeline and (cycle is None or cycle.response_complete)
+        )
 
     def expire(self) -> None:
         """Called by the sweep once the deadline has passed."""
-        if self.phase == IDLE:
+        if self.phase == IDLE:  # not worth a log line: browsers open connections they never use
             self.guard.forget(self)
             self.deadline = math.inf
             self.transport.close()
@@ -343,8 +362,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _linger(self) -> None:
         # First in line for eviction: nothing is expected from this connection any more.
-        self.guard.evictable[self] = None
-        self.guard.evictable.move_to_end(self, last=False)
+        if self in self.guard.connections:
+            self.guard.connections.move_to_end(self, last=False)
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self.flow.resume_reading()
