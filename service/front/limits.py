@@ -25,9 +25,9 @@ client. ``GuardedHttpProtocol`` is that protocol with limits, each a Settings fi
   real clients; a connection found busy goes to the back of the line. Only when none of the
   first EVICTION_SCAN looked at is at rest is the new one closed at once, before anything is
   read from it.
-- On SIGTERM, a request still sending its headers or body is answered 503 at once instead of
-  waiting out the graceful period to end in a 500 with a traceback; requests whose body has
-  arrived drain as before.
+- On SIGTERM, a request still sending its headers or body gets SHUTDOWN_GRACE_S to finish:
+  then it is served like the others in flight (which drain as before), or answered 503, where
+  uvicorn alone waited out the graceful period and ended it with a 500 and a traceback.
 
 Every answer given here is JSON ``{"error": ...}`` with ``Connection: close``. The connection is
 then half-closed and what the client still sends is read and thrown away for up to LINGER_S:
@@ -70,6 +70,10 @@ LINGER_S = 1.0
 # The guard's refusals are counted and logged at most this often, so a flood is one log line
 # per interval rather than one per connection.
 REPORT_EVERY_S = 10.0
+# On SIGTERM, how long a request still being sent may take to arrive: one in transit arrives
+# in milliseconds and is then served; one that stalls is answered 503, so it cannot hold the
+# shutdown for the whole graceful period.
+SHUTDOWN_GRACE_S = 1.0
 # At the cap, how many connections a new one may look through for one to evict: bounds the
 # cost of each connection attempt when every connection is busy.
 EVICTION_SCAN = 64
@@ -159,6 +163,7 @@ class Guard:
         self.header_s = limits.header_timeout_s + tick
         self.body_s = limits.body_timeout_s + tick
         self.idle_s = limits.idle_timeout_s + tick
+        self.shutdown_grace_s = SHUTDOWN_GRACE_S + tick
 
     def admit(self, connection: GuardedHttpProtocol) -> bool:
         if len(self.connections) >= self.limits.max_connections:
@@ -238,6 +243,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.header_room = self.limits.max_header_bytes  # left for this request's header bytes
         self.completed = 0  # requests fully received on this connection
         self.answered = False  # answered here: what arrives now is thrown away
+        self.stopping = False  # the server is shutting down: the grace deadline runs
         self.lingering: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -286,11 +292,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def _after_headers(self, before: httptools_impl.RequestResponseCycle | None) -> None:
         # uvicorn makes a new cycle when a request's headers are complete; if its body is
-        # still to come, the body deadline starts now.
+        # still to come, the body deadline starts now (when stopping, the grace still runs).
         cycle = self.cycle
-        if cycle is not before and cycle.more_body and not self.answered:
+        if cycle is before or self.answered:
+            return
+        if self.stopping:
+            cycle.keep_alive = False
+        if cycle.more_body:
             self.phase = BODY
-            self.deadline = self.guard.now + self.guard.body_s
+            if not self.stopping:
+                self.deadline = self.guard.now + self.guard.body_s
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -312,6 +323,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.guard.forget(self)
             self.deadline = math.inf
             self.transport.close()
+            return
+        if self.stopping:
+            self.answer(503, "the server is shutting down; send the request again")
             return
         self.guard.counts["408"] += 1
         if self.phase == HEADERS:
@@ -376,16 +390,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.answer(400, msg)
 
     def shutdown(self) -> None:
-        """Graceful shutdown: a request still being sent is answered 503 now; one whose answer
-        has begun, or an earlier one's, is left to finish as uvicorn does."""
+        """Graceful shutdown. A request still being sent has SHUTDOWN_GRACE_S more to arrive:
+        then it is served like any in flight, or answered 503. The rest as uvicorn does."""
         cycle = self.cycle
-        idle_cycle = cycle is None or cycle.response_complete
+        if self.phase == BODY:  # the cycle is this request's: has its answer begun?
+            answering = cycle is not None and cycle.response_started
+        else:  # the cycle is an earlier request's: is its answer still on its way?
+            answering = cycle is not None and not cycle.response_complete
         if self.answered:
             self.transport.close()
-        elif not self.pipeline and (
-            (self.phase == BODY and cycle is not None and not cycle.response_started)
-            or (self.phase == HEADERS and idle_cycle)
-        ):
-            self.answer(503, "the server is shutting down; send the request again")
-        else:
+        elif self.phase == IDLE or self.pipeline or answering:
             super().shutdown()
+        else:
+            self.stopping = True
+            if cycle is not None:
+                cycle.keep_alive = False
+            self.deadline = min(self.deadline, self.guard.now + self.guard.shutdown_grace_s)
