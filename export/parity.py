@@ -156,7 +156,12 @@ def check_parity(
             truth, fallback = _run_float64(reference64, case, output_names)
             if truth is None:
                 reference64 = None
-        actual = session.run(None, {n: a.numpy() for n, a in zip(names, case, strict=True)})  # type: ignore[attr-defined]
+        feeds = {n: a.numpy() for n, a in zip(names, case, strict=True)}
+        try:
+            actual = session.run(None, feeds)  # type: ignore[attr-defined]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            failure = f"onnxruntime cannot run the file at batch {_batch(case)}: {exc}"
+            return ParityResult(checks, fallback, failure)
         if len(actual) != len(expected):
             failure = f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}"
             return ParityResult(checks, fallback, failure)
@@ -179,7 +184,7 @@ def _check(
     rule: ParityRule,
 ) -> tuple[OutputCheck, str | None]:
     """The check and, where it missed, the message that says by how much."""
-    batch = int(case[0].shape[0])
+    batch = _batch(case)
     if list(got.shape) != list(want32.shape):
         return OutputCheck(name, batch, math.inf, None, 0.0), (
             f"output '{name}': shape {list(got.shape)} from onnxruntime differs from PyTorch's "
@@ -245,6 +250,10 @@ def _run_float64(
         if out.is_floating_point() and out.dtype != torch.float64:
             return None, f"output '{name}' stays {out.dtype} in a float64 copy of the model"
     return outputs, None
+
+
+def _batch(case: tuple[torch.Tensor, ...]) -> int:
+    return int(case[0].shape[0])
 
 
 def _max_abs(a: np.ndarray) -> float:
