@@ -174,7 +174,7 @@ def export_timing(args: argparse.Namespace) -> dict[str, Any]:
     if args.export_model == "none":
         return {"skipped": "--export-model none"}
     name, _, side = args.export_model.partition(":")
-    rounds = 1 if args.quick else 2
+    rounds = 1 if args.quick else 3
     log(f"export time: {name} at {side}x{side}, tool vs plain torch.onnx.export, {rounds} rounds")
     try:
         from benchmarks.export_time import time_export
