@@ -125,9 +125,12 @@ class Settings(BaseSettings):
     @field_validator("max_connections")
     @classmethod
     def _fits_open_files(cls, value: int) -> int:
-        # Runs for a value given explicitly; the default is lowered to fit at start-up.
+        # The default is lowered to fit at start-up instead (service.front.limits.configure),
+        # so that it works under any limit; a value asked for explicitly must fit.
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        if hard != resource.RLIM_INFINITY and value > hard - OPEN_FILES_RESERVE:
+        default = cls.model_fields["max_connections"].default
+        too_many = hard != resource.RLIM_INFINITY and value > hard - OPEN_FILES_RESERVE
+        if too_many and value != default:
             raise ValueError(
                 f"max_connections={value} exceeds the open-file hard limit ({hard}) minus "
                 f"{OPEN_FILES_RESERVE} reserved for model, log and metric files; lower "

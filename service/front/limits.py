@@ -202,9 +202,9 @@ class Guard:
             log.warning("front limits in the last %.0f s: %s", now - self.reported_at, counts)
             self.counts.clear()
             self.reported_at = now
-        self.sweeping = (
-            self.loop.call_later(self.limits.tick_s, self.sweep) if self.connections else None
-        )
+        # Idle without connections, until what was counted has been reported.
+        active = self.connections or self.counts
+        self.sweeping = self.loop.call_later(self.limits.tick_s, self.sweep) if active else None
 
 
 # One guard per server (uvicorn's ServerState), created by its first connection.
@@ -287,7 +287,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.phase == BODY or self.completed != completed:
             self.data_received(data[room:])
         else:
-            self.guard.counts["431"] += 1
+            self.guard.counts["answered 431"] += 1
             self.answer(431, f"request headers exceed {self.limits.max_header_bytes} bytes")
 
     def _after_headers(self, before: httptools_impl.RequestResponseCycle | None) -> None:
@@ -327,7 +327,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         if self.stopping:
             self.answer(503, "the server is shutting down; send the request again")
             return
-        self.guard.counts["408"] += 1
+        self.guard.counts["answered 408"] += 1
         if self.phase == HEADERS:
             self.answer(
                 408, f"request headers not complete within {self.limits.header_timeout_s:g} s"

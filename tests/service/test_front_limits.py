@@ -384,14 +384,33 @@ def test_a_connection_cap_beyond_the_open_file_limit_is_refused_at_start_up() ->
     assert Settings(max_connections=hard - 64).max_connections == hard - 64
 
 
-def test_configure_raises_the_soft_open_file_limit_and_keeps_the_cap_under_it() -> None:
+def test_configure_raises_the_soft_open_file_limit_and_keeps_the_cap_under_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import resource
 
+    monkeypatch.setattr(limits, "_limits", None)  # configure() sets it; put back after
     configured = limits.configure(Settings(max_header_bytes=4096, max_connections=500))
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     assert soft == hard or hard == resource.RLIM_INFINITY
     assert configured.max_connections == min(500, soft - 64)
     assert configured.max_header_bytes == 4096
+
+
+def test_under_a_hard_limit_of_1024_the_default_cap_is_lowered_not_refused(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    monkeypatch.setattr(limits, "_limits", None)
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (1024, 1024))
+    with pytest.raises(ValidationError, match="exceeds the open-file hard limit"):
+        Settings(max_connections=2000)
+    settings = Settings()  # the default, 1,000: lowered at start-up instead
+    monkeypatch.setattr(limits, "raise_open_files_limit", lambda: 1024)
+    with caplog.at_level("WARNING", logger="normserve.front"):
+        assert limits.configure(settings).max_connections == 1024 - 64
+    assert "max_connections lowered from 1000 to 960" in caplog.text
 
 
 # ------------------------------------------------------------------------------ in process
