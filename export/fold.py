@@ -212,10 +212,12 @@ def fold_batchnorm_with_report(
         how = "which read its output" if chosen.before else ""
         _replace(folded, norm, FoldedBatchNorm(norm, report.folded[name], how))
     applied = _apply_merges(folded, merges, names, example_input, trace.output)
-    merged = {id(n): names[id(m.main)] for m in applied for n in m.norms}
+    merged = {id(n): names[id(m.host or m.main)] for m in applied for n in m.norms}
     for merge in applied:
-        for conv in merge.convs:
-            report.merged[names[id(conv)]] = names[id(merge.main)]
+        into = names[id(merge.host or merge.main)]
+        for conv in (merge.main, *merge.convs):
+            if conv is not merge.host and names[id(conv)] != into:
+                report.merged[names[id(conv)]] = into
     for name, norm in norms.items():
         if id(norm) in merged:
             report.folded[name] = [merged[id(norm)]]
@@ -263,13 +265,19 @@ def _apply_merges(
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     old_weights: list[tuple[nn.Module, nn.Parameter, nn.Parameter | None]] = []
     for merge in merges:
-        main, into = merge.main, names[id(merge.main)]
+        main, into = merge.main, names[id(merge.host or merge.main)]
         weight, bias = merged_weights(merge)
+        if merge.host is not None:
+            # The merged conv runs at the host's place (see Merge.host); main is a branch.
+            host, main = main, copy.deepcopy(main)
+            undo += _replace(model, merge.host, main)
+            undo += _replace(model, host, MergedBranch(into, weight.dtype))
         old_weights.append((main, main.weight, main.bias))
         main.weight = nn.Parameter(weight, requires_grad=main.weight.requires_grad)
         main.bias = nn.Parameter(bias, requires_grad=main.weight.requires_grad)
         for branch in (*merge.convs, *merge.norms):
-            undo += _replace(model, branch, MergedBranch(into, weight.dtype))
+            if branch is not merge.host:
+                undo += _replace(model, branch, MergedBranch(into, weight.dtype))
     if _same_outputs(model, example_input, expected):
         return merges
     for parent, child_name, child in undo:

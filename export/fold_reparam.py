@@ -34,6 +34,10 @@ class Merge:
     # Per absorbed conv: for each spatial axis, the main tap of each of its taps.
     taps: list[list[list[int]]] = field(default_factory=list)
     centre: list[int] = field(default_factory=list)
+    # The branch (a conv or an identity BatchNorm) whose output a ``+=`` changes in place:
+    # the merged conv must run there, since a zero scalar cannot take ``+=`` of a full tensor.
+    # None: the merged conv runs where ``main`` is.
+    host: nn.Module | None = None
 
 
 def find_merges(
@@ -53,7 +57,13 @@ def find_merges(
         identity = [t for t in terms if isinstance(t, nn.Module)]
         if not identity and not all(isinstance(t, tuple) for t in terms):
             continue
-        found = _merge(trace, terms)
+        targets = _in_place_leaves(trace, root)
+        hosts = (
+            None
+            if targets is None
+            else [t for leaf, t in zip(leaves, terms, strict=True) if leaf in targets]
+        )
+        found = _merge(trace, terms, hosts)
         if isinstance(found, Merge):
             merges.append(found)
         else:
@@ -82,6 +92,17 @@ def _leaves(trace: Trace, root: int) -> list[int]:
     return leaves
 
 
+def _in_place_leaves(trace: Trace, root: int) -> set[int] | None:
+    """The leaves one of which must stay a full tensor: those of the value that ``+=`` changed
+    in place (its first ``+=``), or None when the sum was never changed in place."""
+    node = root
+    while node in trace.sums and trace.sums[node][0] < 0:
+        node = trace.sums[node][0]
+    if node == root:
+        return None
+    return set(_leaves(trace, node)) if node in trace.sums else {node}
+
+
 Term = tuple[nn.Module, int] | nn.Module | str  # (conv, its input) | identity BatchNorm | why not
 
 
@@ -90,6 +111,11 @@ def _term(
 ) -> Term:
     if trace.uses[leaf] != 1:
         return f"a term of the sum is also read by {trace.uses[leaf] - 1} other operation(s)"
+    leaf = trace.aliases.get(leaf, leaf)  # the value before ``+=``: what its id named then
+    if leaf in trace.zero_adds:  # ``t + 0``: the term is t, which only the ``+ 0`` may read
+        leaf = trace.zero_adds[leaf]
+        if trace.uses[leaf] != 1:
+            return f"a term of the sum is also read by {trace.uses[leaf] - 1} other operation(s)"
     norm = outputs.get(leaf)
     if norm is not None:
         if tail_reason(norm) is not None:
@@ -116,8 +142,9 @@ def _term(
     return conv, inputs[0]
 
 
-def _merge(trace: Trace, terms: list[Term]) -> Merge | str:
-    """One convolution computing the sum of ``terms``, or why the sum is not one."""
+def _merge(trace: Trace, terms: list[Term], hosts: list[Term] | None) -> Merge | str:
+    """One convolution computing the sum of ``terms`` (run at one of ``hosts`` when given),
+    or why the sum is not one."""
     prefix = "the sum it feeds cannot become one convolution: "
     for term in terms:
         if isinstance(term, str):
@@ -148,6 +175,11 @@ def _merge(trace: Trace, terms: list[Term]) -> Merge | str:
             return prefix + "an identity branch needs stride 1, equal channels and a centred tap"
         merge.centre = centre
         merge.norms = norms
+    if hosts is not None and not any(isinstance(h, tuple) and h[0] is main for h in hosts):
+        host = hosts[0] if hosts else None
+        if host is None or isinstance(host, str):
+            return prefix + "a branch is changed in place"
+        merge.host = host[0] if isinstance(host, tuple) else host
     return merge
 
 

@@ -109,6 +109,10 @@ class Trace:
     norm_calls: dict[int, list[NormCall]] = field(default_factory=lambda: defaultdict(list))
     # id of ``a + b`` -> (id a, id b), for watched a and b of the sum's shape.
     sums: dict[int, tuple[int, int]] = field(default_factory=dict)
+    # Key of the value a tensor had before ``+=`` changed it -> that tensor's id.
+    aliases: dict[int, int] = field(default_factory=dict)
+    # ``t + 0`` (MobileOne starts its sums from 0) -> id of t.
+    zero_adds: dict[int, int] = field(default_factory=dict)
     keep: list[torch.Tensor] = field(default_factory=list)
     watched: set[int] = field(default_factory=set)
     producers: dict[int, tuple[weakref.ref[torch.Tensor], str]] = field(default_factory=dict)
@@ -177,6 +181,10 @@ class _Recorder(TorchFunctionMode):
                 flow.source, flow.from_norm, flow.channels, flow.inner, (*flow.chain, id(out))
             )
             self.trace.watch(out)
+        elif name == "add" and len(args) == 2 and not kwargs and _is_zero(args[1]):
+            if id(first) in self.trace.watched:
+                self.trace.zero_adds[id(out)] = id(first)
+                self.trace.watch(out)
         elif name in ("add", "add_", "__iadd__") and len(args) == 2 and not kwargs:
             other = args[1]
             if not (
@@ -189,13 +197,21 @@ class _Recorder(TorchFunctionMode):
             if out is not first:
                 self.trace.sums[id(out)] = (id(first), id(other))
                 self.trace.watch(out)
-            elif id(first) in self.trace.sums:
-                # ``s += b`` on a sum: the old value of s gets a key of its own (negative, so
-                # no tensor id collides), read once (here); the new value starts unread.
+            else:
+                # ``a += b``: the old value of a gets a key of its own (negative, so no tensor
+                # id collides) with the reads it had (this one included); the new value is a
+                # sum that starts unread. ``changed`` keeps a from folding as if unchanged.
                 old = -len(self.trace.sums) - 1
-                self.trace.sums[old] = self.trace.sums[id(first)]
-                self.trace.uses[old] = self.trace.uses.pop(id(first))
+                if id(first) in self.trace.sums:
+                    self.trace.sums[old] = self.trace.sums[id(first)]
+                else:
+                    self.trace.aliases[old] = id(first)
+                self.trace.uses[old] = self.trace.uses.pop(id(first), 0)
                 self.trace.sums[id(first)] = (old, id(other))
+
+
+def _is_zero(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == 0
 
 
 def _passes_through(

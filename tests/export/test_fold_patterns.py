@@ -614,3 +614,48 @@ def test_frozen_batchnorm_broadcasting_a_rank2_input_is_kept(
     check_kept(
         BNThen(frozen, nn.Linear(4, 3)), torch.randn(4, 4), caller_snapshot, ["another shape"]
     )
+
+
+class MobileOneBlock(nn.Module):
+    """timm's MobileOne: the sum starts from one branch (or from 0) and grows with ``+=``."""
+
+    def __init__(self, start_with_scale: bool) -> None:
+        super().__init__()
+        self.scale = (
+            nn.Sequential(nn.Conv2d(4, 4, 1, bias=False), nn.BatchNorm2d(4))
+            if start_with_scale
+            else None
+        )
+        self.kxk = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+            for _ in range(2)
+        )
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity_out = self.bn(x)
+        out: Any = self.scale(x) if self.scale is not None else 0
+        for branch in self.kxk:
+            out += branch(x)
+        out += identity_out
+        return F.relu(out)
+
+
+@pytest.mark.parametrize("start_with_scale", [True, False], ids=["from-scale-branch", "from-0"])
+def test_sum_grown_in_place_merges_where_the_in_place_target_was(
+    start_with_scale: bool, caller_snapshot: Callable[[nn.Module], Callable[[], None]]
+) -> None:
+    """``out = scale(x); out += kxk(x)`` changes scale's output in place, so the merged 3x3
+    conv must run at scale's place: a zero scalar there could not take the ``+=``."""
+    torch.manual_seed(SEED)
+    model = nn.Sequential(MobileOneBlock(start_with_scale), MobileOneBlock(start_with_scale))
+    folded, report = check_folds_exactly(model, torch.randn(2, 4, 7, 8), caller_snapshot)
+    assert report.kept == {}
+    assert report.how["0.bn"] == "merged"
+    assert norms(folded) == []
+    convs = [m for m in folded.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 2
+    host = "0.scale.0" if start_with_scale else "0.kxk.0.0"
+    assert report.folded["0.bn"] == [host]
+    assert isinstance(folded.get_submodule(host), nn.Conv2d)
+    assert folded.get_submodule(host).kernel_size == (3, 3)
