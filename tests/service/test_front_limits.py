@@ -183,6 +183,8 @@ def test_a_header_flood_is_refused_with_431_and_memory_stays_bounded(
     """8 connections each sending 64 MB of headers: every one is answered 431 and closed,
     and the server's peak RSS rises by less than 20 MB (unguarded: +515 MB)."""
     pid = server.proc.pid
+    if not Path(f"/proc/{pid}/status").exists():
+        pytest.skip("no /proc/PID/status here: the server's RSS cannot be read")
     before = rss_kib(pid)
     try:  # reset the peak-RSS mark (VmHWM), so it measures only the flood
         Path(f"/proc/{pid}/clear_refs").write_text("5")
@@ -209,6 +211,12 @@ def test_headers_just_under_the_limit_are_served(server: RunningServer) -> None:
     with connect(server) as sock:  # one byte more
         sock.sendall(request + b"x-pad: " + b"p" * (filler + 1) + b"\r\n\r\n")
         assert_refusal(read_all(sock), 431, "request headers exceed")
+
+
+def test_a_request_the_parser_rejects_is_answered_400_in_json(server: RunningServer) -> None:
+    with connect(server) as sock:
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nbad header\r\n\r\n")
+        assert_refusal(read_all(sock), 400, "Invalid HTTP request")
 
 
 # ------------------------------------------------------------------------------ timeouts
