@@ -180,6 +180,9 @@ def export_onnx(
     seconds: dict[str, float] = {}
     path = Path(path)
     args, input_names = _arguments(example_input, input_names, opset)
+    batches = list(parity_batches) if parity_batches is not None else default_batches(args)
+    if any(b < 1 for b in batches) or not (batches or samples is not None):
+        raise ExportError(f"parity needs batch sizes of at least 1 (or samples), got {batches}")
     reference = copy.deepcopy(model).eval()
     parity_against = reference if parity_reference is None else parity_reference
     # Folding and the output probe watch the data flow at the export's batch size: at batch 1
@@ -205,7 +208,6 @@ def export_onnx(
         data = _serialized(proto)
         _check_graph(proto, data, opset, ln_calls)
 
-    batches = list(parity_batches) if parity_batches is not None else default_batches(args)
     cases = parity_cases(args, batches, samples)
     with _timed(seconds, "parity"):
         result = _parity(parity_against, data, cases, output_names, parity_rule or ParityRule())
