@@ -22,6 +22,7 @@ from export.fold_norms import (
     forward_reason,
     known_norm,
     norm_tensors,
+    qualified_name,
     statistics_reason,
     tail_reason,
 )
@@ -168,7 +169,7 @@ def _before_layer(
             return found
         layer, flow, shape = found
         name = names.get(id(layer), type(layer).__name__)
-        reason = _before_reason(norm, layer, flow, shape) or layer_reason(layer)
+        reason = _before_reason(norm, layer, flow, shape) or layer_reason(layer, reads_output=False)
         if reason is not None:
             return f"its output goes into '{name}', {reason}"
         layers[id(layer)] = layer
@@ -241,9 +242,19 @@ def _zero_pads(conv: nn.Module) -> bool:
 # ---------------------------------------------------------------------------- both
 
 
-def layer_reason(layer: nn.Module) -> str | None:
-    """Why ``layer``'s weights cannot absorb a BatchNorm, or None."""
-    if type(layer).forward is not _stock_forward(layer):
+# Conv2d subclasses whose forward was read (timm 1.0): they pad with zeros ("same", sized at
+# run time) and then call F.conv2d with their weight and bias. A BatchNorm after them folds
+# exactly; one before them would meet the zero pad.
+KNOWN_PADDING_CONVS = frozenset(
+    {"timm.layers.conv2d_same.Conv2dSame", "timm.layers.conv2d_same.Conv2dSameExport"}
+)
+
+
+def layer_reason(layer: nn.Module, *, reads_output: bool = True) -> str | None:
+    """Why ``layer``'s weights cannot absorb a BatchNorm that reads its output (or, with
+    ``reads_output=False``, one whose output it reads), or None."""
+    known = reads_output and qualified_name(layer) in KNOWN_PADDING_CONVS
+    if type(layer).forward is not _stock_forward(layer) and not known:
         return f"whose class {type(layer).__name__} overrides forward()"
     if parametrize.is_parametrized(layer):
         return "whose weight is computed by a parametrization"

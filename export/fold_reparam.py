@@ -135,7 +135,11 @@ def _term(
         return "a term of the sum is not a convolution or a BatchNorm of the shared input"
     conv = flow.source
     inputs = trace.layer_inputs[id(conv)]
-    if len(inputs) != 1 or layer_reason(conv) is not None or conv.padding_mode != "zeros":
+    if (
+        len(inputs) != 1
+        or layer_reason(conv, reads_output=False) is not None
+        or conv.padding_mode != "zeros"
+    ):
         return "a convolution in the sum is called more than once or is not a plain Conv"
     if any(p is not None and trace.uses[id(p)] != 1 for p in (conv.weight, conv.bias)):
         return "a convolution in the sum has weights read elsewhere"

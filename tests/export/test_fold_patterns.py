@@ -659,3 +659,21 @@ def test_sum_grown_in_place_merges_where_the_in_place_target_was(
     assert report.folded["0.bn"] == [host]
     assert isinstance(folded.get_submodule(host), nn.Conv2d)
     assert folded.get_submodule(host).kernel_size == (3, 3)
+
+
+def test_timm_same_padding_conv_takes_the_batchnorm_after_it_not_before(
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    """timm's Conv2dSame pads with zeros at run time, then convolves: exact after, not before."""
+    same = pytest.importorskip("real_models").import_timm().layers.Conv2dSame
+    torch.manual_seed(SEED)
+    after = ConvThen(nn.BatchNorm2d(6))
+    after.conv = same(3, 6, 3, stride=2)
+    folded, report = check_folds_exactly(after, torch.randn(2, 3, 9, 8), caller_snapshot)
+    assert report.folded == {"bn": ["conv"]} and norms(folded) == []
+    check_kept(
+        BNThen(nn.BatchNorm2d(4), same(4, 6, 3)),
+        torch.randn(IMAGE),
+        caller_snapshot,
+        ["'after', whose class Conv2dSame overrides forward()"],
+    )
