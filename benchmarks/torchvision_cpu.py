@@ -37,7 +37,7 @@ def import_torchvision() -> ModuleType:
                 _schemas.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
     import torchvision
 
-    return torchvision
+    return torchvision  # type: ignore[no-any-return]
 
 
 def _has_nms() -> bool:

@@ -165,11 +165,11 @@ def check_parity(
         try:
             actual = session.run(None, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
-            failure = f"onnxruntime cannot run the file at batch {_batch(case)}: {exc}"
-            return ParityResult(checks, fallback, failure)
+            ran = f"onnxruntime cannot run the file at batch {_batch(case)}: {exc}"
+            return ParityResult(checks, fallback, ran)
         if len(actual) != len(expected):
-            failure = f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}"
-            return ParityResult(checks, fallback, failure)
+            counts = f"onnxruntime returned {len(actual)} outputs, PyTorch {len(expected)}"
+            return ParityResult(checks, fallback, counts)
         for i, (name, want, got) in enumerate(zip(output_names, expected, actual, strict=True)):
             check, failure = _check(
                 name, case, want, got, None if truth is None else truth[i], rule

@@ -353,7 +353,8 @@ def _serialized(proto: onnx.ModelProto) -> bytes:
     """The model's bytes without metadata, made once: the checker, onnxruntime and the write
     all take them (a ResNet-50 is 100 MB; each serialization costs ~0.1 s)."""
     del proto.metadata_props[:]
-    return proto.SerializeToString()
+    data: bytes = proto.SerializeToString()
+    return data
 
 
 def _check(model: bytes) -> None:
