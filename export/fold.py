@@ -207,8 +207,9 @@ def fold_batchnorm_with_report(
         chosen = plans.get(id(norm))
         if chosen is None:
             continue
-        for layer in chosen.layers:
-            _fold_into(layer, norm, before=chosen.before)
+        for i, layer in enumerate(chosen.layers):
+            part = chosen.channels[i] if chosen.channels is not None else slice(None)
+            _fold_into(layer, norm, before=chosen.before, channels=part)
         how = "which read its output" if chosen.before else ""
         _replace(folded, norm, FoldedBatchNorm(norm, report.folded[name], how))
     applied = _apply_merges(folded, merges, names, example_input, trace.output)
@@ -232,8 +233,14 @@ def fold_batchnorm_with_report(
 # ---------------------------------------------------------------------------- rewriting
 
 
-def _fold_into(layer: nn.Module, norm: nn.Module, *, before: bool) -> None:
+def _fold_into(
+    layer: nn.Module, norm: nn.Module, *, before: bool, channels: slice = slice(None)
+) -> None:
+    """Fold ``norm``'s ``channels`` into ``layer`` (all of them unless it makes only a part)."""
     mean, var, eps, gamma, beta = norm_parameters(norm)
+    mean, var = mean[channels], var[channels]
+    gamma = None if gamma is None else gamma[channels]
+    beta = None if beta is None else beta[channels]
     groups = getattr(layer, "groups", 1)
     if before:
         weight, bias = fold_weights_before(

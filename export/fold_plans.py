@@ -37,6 +37,9 @@ class Plan:
     norm: nn.Module
     layers: list[nn.Module]
     before: bool
+    # Per layer, the BatchNorm channels it produced, when its input concatenates the layers'
+    # outputs (MixNet's MixedConv2d); None: every layer gets every channel.
+    channels: list[slice] | None = None
 
 
 def plan(norm: nn.Module, trace: Trace, names: Mapping[int, str]) -> Plan | str:
@@ -45,7 +48,13 @@ def plan(norm: nn.Module, trace: Trace, names: Mapping[int, str]) -> Plan | str:
     if reason is not None:
         return reason
     calls = trace.norm_calls[id(norm)]
-    after = _after_layer(norm, calls, trace, names)
+    if len(calls) == 1 and calls[0].input_id in trace.cats:
+        after_cat = _after_concatenation(norm, calls[0], trace, names)
+        if not isinstance(after_cat, str):
+            return after_cat
+        after: list[nn.Module] | str = after_cat
+    else:
+        after = _after_layer(norm, calls, trace, names)
     if not isinstance(after, str):
         return Plan(norm, after, before=False)
     before = _before_layer(norm, calls, trace, names)
@@ -104,26 +113,79 @@ def _after_layer(
         reason = layer_reason(layer)
         if reason is not None:
             return f"follows '{name}', {reason}"
-        reason = _after_shape_reason(norm, layer, name, flow, call)
+        reason = _after_shape_reason(norm, layer, name, flow, call) or _chain_reason(
+            flow, name, trace
+        )
         if reason is not None:
             return reason
-        for depth, tensor in enumerate(flow.chain):
-            if trace.changed.get(tensor):
-                return (
-                    f"reads the output of '{name}' after {_names(trace.changed[tensor])} "
-                    "changed it in place"
-                )
-            if trace.uses[tensor] != 1:
-                what = "the output" if depth == 0 else "a reshaped output"
-                return (
-                    f"shares {what} of '{name}' with {trace.uses[tensor] - 1} other "
-                    f"operation(s) ({_readers(trace, tensor)}), which must see the "
-                    "unnormalized values"
-                )
         layers[id(layer)] = layer
         uses_per_layer[id(layer)] += 1
     reason = _every_call_reason(layers, uses_per_layer, trace, names, "follows")
     return reason if reason is not None else list(layers.values())
+
+
+def _chain_reason(flow: Flow, name: str, trace: Trace) -> str | None:
+    """Why the values between layer ``name`` and the BatchNorm are not the layer's alone."""
+    for depth, tensor in enumerate(flow.chain):
+        if trace.changed.get(tensor):
+            return (
+                f"reads the output of '{name}' after {_names(trace.changed[tensor])} "
+                "changed it in place"
+            )
+        if trace.uses[tensor] != 1:
+            what = "the output" if depth == 0 else "a reshaped output"
+            return (
+                f"shares {what} of '{name}' with {trace.uses[tensor] - 1} other "
+                f"operation(s) ({_readers(trace, tensor)}), which must see the "
+                "unnormalized values"
+            )
+    return None
+
+
+def _after_concatenation(
+    norm: nn.Module, call: NormCall, trace: Trace, names: Mapping[int, str]
+) -> Plan | str:
+    """Fold slices of ``norm`` into the layers whose outputs its input concatenates."""
+    cat = trace.cats[call.input_id]
+    if trace.uses[call.input_id] != 1 or trace.changed.get(call.input_id):
+        return "reads a concatenation that something else also reads or changes"
+    if cat.dim != 1 or len(call.input_shape) < 2:
+        return f"reads a concatenation along axis {cat.dim}, not its channel axis 1"
+    layers: list[nn.Module] = []
+    channels: list[slice] = []
+    start = 0
+    for piece, shape in zip(cat.pieces, cat.shapes, strict=True):
+        flow = trace.flows.get(piece)
+        if flow is None or flow.from_norm:
+            return (
+                "reads a concatenation of outputs that are not all a convolution's or linear "
+                "layer's, so there are no weights to fold every part into"
+            )
+        layer = flow.source
+        name = names.get(id(layer), type(layer).__name__)
+        reason = layer_reason(layer)
+        if reason is not None:
+            return f"follows '{name}' (in a concatenation), {reason}"
+        if not flow.feature_axis_is(shape, 1):
+            return f"reads a concatenation whose part from '{name}' has its features elsewhere"
+        reason = _chain_reason(flow, name, trace)
+        if reason is not None:
+            return reason
+        layers.append(layer)
+        channels.append(slice(start, start + shape[1]))
+        start += shape[1]
+    if len({id(layer) for layer in layers}) != len(layers):
+        return "reads a concatenation holding one layer's outputs twice"
+    reason = _every_call_reason(
+        {id(layer): layer for layer in layers},
+        {id(layer): 1 for layer in layers},
+        trace,
+        names,
+        "follows",
+    )
+    if reason is not None:
+        return reason
+    return Plan(norm, layers, before=False, channels=channels)
 
 
 def _after_shape_reason(

@@ -84,6 +84,13 @@ class Flow:
         )
 
 
+@dataclass(frozen=True)
+class Concatenation:
+    dim: int
+    pieces: tuple[int, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+
 @dataclass
 class NormCall:
     input_id: int
@@ -111,6 +118,8 @@ class Trace:
     sums: dict[int, tuple[int, int]] = field(default_factory=dict)
     # Key of the value a tensor had before ``+=`` changed it -> that tensor's id.
     aliases: dict[int, int] = field(default_factory=dict)
+    # ``torch.cat`` of layer outputs (watched) -> what it concatenated.
+    cats: dict[int, Concatenation] = field(default_factory=dict)
     # ``t + 0`` (MobileOne starts its sums from 0) -> id of t.
     zero_adds: dict[int, int] = field(default_factory=dict)
     keep: list[torch.Tensor] = field(default_factory=list)
@@ -154,6 +163,8 @@ class _Recorder(TorchFunctionMode):
                 if isinstance(leaf, torch.Tensor) and id(leaf) in self.trace.watched:
                     self.trace.uses[id(leaf)] += 1
                     self.trace.readers[id(leaf)].append(name)
+        if name in ("cat", "concat", "concatenate") and isinstance(out, torch.Tensor):
+            self._concatenation(first, args, kwargs, out)
         if isinstance(out, torch.Tensor) and isinstance(first, torch.Tensor):
             if out is first and id(first) in self.trace.watched:
                 self.trace.changed[id(first)].append(name)
@@ -161,6 +172,19 @@ class _Recorder(TorchFunctionMode):
         for t in produced:
             self.trace.producers[id(t)] = (weakref.ref(t), name)
         return out
+
+    def _concatenation(
+        self, pieces: Any, args: Sequence[Any], kwargs: Mapping[str, Any], out: torch.Tensor
+    ) -> None:
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(pieces, list | tuple) or not isinstance(dim, int) or out.dim() == 0:
+            return
+        if not all(isinstance(p, torch.Tensor) and id(p) in self.trace.flows for p in pieces):
+            return
+        self.trace.cats[id(out)] = Concatenation(
+            dim % out.dim(), tuple(id(p) for p in pieces), tuple(tuple(p.shape) for p in pieces)
+        )
+        self.trace.watch(out)
 
     def _follow(
         self,

@@ -677,3 +677,41 @@ def test_timm_same_padding_conv_takes_the_batchnorm_after_it_not_before(
         caller_snapshot,
         ["'after', whose class Conv2dSame overrides forward()"],
     )
+
+
+class MixedConv(nn.Module):
+    """MixNet's MixedConv2d: channel groups convolved with different kernels, concatenated."""
+
+    def __init__(self, read_part_twice: bool = False) -> None:
+        super().__init__()
+        self.read_part_twice = read_part_twice
+        self.c3 = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.c5 = nn.Conv2d(2, 3, 5, padding=2)
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, [2, 2], dim=1)
+        part = self.c5(b)
+        y = self.bn(torch.cat([self.c3(a), part], 1))
+        return y + part.sum(1, keepdim=True) if self.read_part_twice else y
+
+
+def test_batchnorm_of_a_concatenation_of_convs_folds_a_slice_into_each(
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    torch.manual_seed(SEED)
+    folded, report = check_folds_exactly(MixedConv(), torch.randn(IMAGE), caller_snapshot)
+    assert report.folded == {"bn": ["c3", "c5"]} and report.how == {"bn": "after"}
+    assert norms(folded) == []
+
+
+def test_concatenation_with_a_part_read_elsewhere_is_kept(
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    torch.manual_seed(SEED)
+    check_kept(
+        MixedConv(read_part_twice=True),
+        torch.randn(IMAGE),
+        caller_snapshot,
+        ["shares the output of 'c5' with 1 other operation(s) ('cat', 'sum')"],
+    )
