@@ -9,13 +9,16 @@ stayed open; 1,100 silent connections against a 1,024 file-descriptor limit lock
 client. ``GuardedHttpProtocol`` is that protocol with limits, each a Settings field:
 
 - ``max_header_bytes``: request line plus headers; beyond, 431. Counted as the bytes arrive,
-  before the parser sees them, so memory stays bounded whatever the number or size of headers.
+  before the parser sees them, so memory stays bounded whatever the number or size of headers:
+  8 connections sending 64 MB of headers each raise the peak RSS by under 8 MB (+533 MB
+  without the guard).
 - ``header_timeout_s``, from a request's first byte until its headers are complete: 408.
 - ``body_timeout_s``, from the end of the headers until the body is complete: 408, and the
   app's pending ``receive()`` returns ``http.disconnect``, so nothing runs for the request. A
   total deadline, not a minimum rate: it bounds how long any one connection can be held (a
   client keeping to a minimum rate holds one for as long as the largest body takes at that
-  rate); the 30 s default carries the largest body accepted (16 MB) at 4.5 Mbit/s.
+  rate); the 30 s default carries the largest body accepted (16 MB) at 4.5 Mbit/s. It runs
+  for a pipelined request too while it waits its turn (clients rarely pipeline).
 - ``idle_timeout_s`` without a request, on a fresh connection that has sent nothing as on a
   kept-alive one between requests: closed without an answer.
 - ``max_connections`` per process, never more than the open-file limit (raised to its hard
@@ -38,9 +41,10 @@ Deadlines are checked by one sweep per process every ``tick_s`` (a quarter of th
 timeout, at most 1 s), not by a timer per request, against a clock read once per tick. On the
 hot path a request crosses two overridden callbacks that store a phase and a deadline:
 in process, with a trivial app, 27.2 µs of CPU per keep-alive request against uvicorn's own
-23.6 µs (the same callbacks overridden with nothing in them: 25.0 µs). A first version that
-also kept an eviction queue and its own keep-alive deadline up to date on every request cost
-twice as much; now eviction and keep-alive read uvicorn's state only when they are due.
+23.6 µs; on the server's health route (wrk, 64 connections, 6 interleaved rounds) a median
+64 µs of server CPU per request against 61, requests/s the same within noise. A first version
+that also kept an eviction queue and its own keep-alive deadline up to date on every request
+cost twice as much; now eviction and keep-alive read uvicorn's state only when they are due.
 """
 
 from __future__ import annotations
