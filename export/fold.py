@@ -51,6 +51,7 @@ from export.fold_trace import (
     FOLD_TARGETS,
     ExampleInput,
     FoldError,
+    Trace,
     call_model,
     spatial_dims,
     trace_model,
@@ -189,6 +190,26 @@ def fold_batchnorm_with_report(
         example_input = guess_example_input(folded)
     trace = trace_model(folded, example_input)
     names = _module_names(folded)
+    plans, reasons = _plan_all(norms, trace, names, report)
+    merges, merge_reasons = find_merges(trace, plans, {id(n): n for n in norms.values()})
+    for name, norm in norms.items():
+        chosen = plans.get(id(norm))
+        if chosen is not None:
+            _apply_plan(folded, name, chosen, report)
+        elif id(norm) in merge_reasons:
+            reasons[name] = f"{reasons[name]}, and {merge_reasons[id(norm)]}"
+    applied = _apply_merges(folded, merges, names, example_input, trace.output)
+    _report_merges(report, merges, applied, norms, names, reasons)
+    for name, reason in reasons.items():
+        if name not in report.folded:
+            report.kept[name] = f"BatchNorm '{name}' {reason}; kept as an eval-mode BatchNorm"
+    return folded, report
+
+
+def _plan_all(
+    norms: Mapping[str, nn.Module], trace: Trace, names: Mapping[int, str], report: FoldReport
+) -> tuple[dict[int, Plan], dict[str, str]]:
+    """Each BatchNorm's plan (by id), or why it has none (by name); plans go into ``report``."""
     plans: dict[int, Plan] = {}
     reasons: dict[str, str] = {}
     for name, norm in norms.items():
@@ -199,35 +220,41 @@ def fold_batchnorm_with_report(
         plans[id(norm)] = decided
         report.folded[name] = [names[id(layer)] for layer in decided.layers]
         report.how[name] = "before" if decided.before else "after"
-    merges, merge_reasons = find_merges(trace, plans, {id(n): n for n in norms.values()})
-    for name, norm in norms.items():
-        if name in reasons and id(norm) in merge_reasons:
-            reasons[name] = f"{reasons[name]}, and {merge_reasons[id(norm)]}"
-    for name, norm in norms.items():
-        chosen = plans.get(id(norm))
-        if chosen is None:
-            continue
-        for i, layer in enumerate(chosen.layers):
-            part = chosen.channels[i] if chosen.channels is not None else slice(None)
-            _fold_into(layer, norm, before=chosen.before, channels=part)
-        how = "which read its output" if chosen.before else ""
-        _replace(folded, norm, FoldedBatchNorm(norm, report.folded[name], how))
-    applied = _apply_merges(folded, merges, names, example_input, trace.output)
-    merged = {id(n): names[id(m.host or m.main)] for m in applied for n in m.norms}
+    return plans, reasons
+
+
+def _apply_plan(model: nn.Module, name: str, chosen: Plan, report: FoldReport) -> None:
+    for i, layer in enumerate(chosen.layers):
+        part = chosen.channels[i] if chosen.channels is not None else slice(None)
+        _fold_into(layer, chosen.norm, before=chosen.before, channels=part)
+    how = "which read its output" if chosen.before else ""
+    _replace(model, chosen.norm, FoldedBatchNorm(chosen.norm, report.folded[name], how))
+
+
+def _report_merges(
+    report: FoldReport,
+    merges: list[Merge],
+    applied: list[Merge],
+    norms: Mapping[str, nn.Module],
+    names: Mapping[int, str],
+    reasons: dict[str, str],
+) -> None:
+    by_id = {id(norm): name for name, norm in norms.items()}
     for merge in applied:
         into = names[id(merge.host or merge.main)]
         for conv in (merge.main, *merge.convs):
             if conv is not merge.host and names[id(conv)] != into:
                 report.merged[names[id(conv)]] = into
-    for name, norm in norms.items():
-        if id(norm) in merged:
-            report.folded[name] = [merged[id(norm)]]
-            report.how[name] = "merged"
-        elif name in reasons:
-            report.kept[name] = (
-                f"BatchNorm '{name}' {reasons[name]}; kept as an eval-mode BatchNorm"
+        for norm in merge.norms:
+            report.folded[by_id[id(norm)]] = [into]
+            report.how[by_id[id(norm)]] = "merged"
+    if merges and not applied:
+        for norm in (n for merge in merges for n in merge.norms):
+            reasons[by_id[id(norm)]] += (
+                ", and merging the sum it feeds into one convolution changed the model's "
+                "output on the example input (its code reads a branch itself), so no sum "
+                "was merged"
             )
-    return folded, report
 
 
 # ---------------------------------------------------------------------------- rewriting

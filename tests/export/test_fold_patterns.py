@@ -591,6 +591,7 @@ def test_merge_that_changes_the_output_is_undone(
     )
     assert report.merged == {}
     assert list(report.kept) == ["bn"]
+    assert "changed the model's output on the example input" in report.kept["bn"]
     assert not any(isinstance(m, MergedBranch) for m in folded.modules())
 
 
