@@ -321,8 +321,9 @@ def _md_export_consequences(report: dict[str, Any]) -> tuple[str, str]:
     tool, dyn, ts = v["export_onnx"], v["dynamo"], v["torchscript_training"]
     pre = v["torchscript_preserve"]
     return "7. What the export does with each mode", (
-        f"`export_onnx` (BatchNorm folded into an eval-mode copy) matches PyTorch eval to "
-        f"{s['parity_max_abs_error']:.1e} (bound {s['parity_bound']:.1e}), is deterministic "
+        f"`export_onnx` (BatchNorm folded into an eval-mode copy) matches a float64 copy of "
+        f"PyTorch eval to {s['parity_max_abs_error']:.1e} (bound {s['parity_bound']:.1e}, "
+        f"from PyTorch float32's own error), is deterministic "
         f"(run to run {_sci(tool['run_to_run_max_abs'])}) and scores {_pct(tool['accuracy_run1'])} "
         f"in batches and {_pct(tool['accuracy_batch1'])} one request at a time. The default "
         f"(dynamo) exporter given the model in train mode keeps {dyn['dropout_nodes']} Dropout in "
