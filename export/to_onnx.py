@@ -9,8 +9,9 @@ optimizations disabled, so the exported graph's own numbers are checked) beside 
 PyTorch model in eval mode and a float64 copy of it, at batch sizes sized to the input
 (export.parity has the rule). Any miss raises a named error that says by how much.
 
-Time: one export (the unfolded one only when ``unfolded_path`` asks for it), one checker pass,
-one write; parity batches hold at most ``PARITY_MAX_ELEMENTS`` input values each.
+Time: one export (the unfolded one only when ``unfolded_path`` asks for it), one
+serialization, one checker pass, one write; parity batches are sized to the input
+(``export.parity.default_batches``). ``ExportReport.seconds`` holds each phase's time.
 """
 
 from __future__ import annotations
@@ -135,9 +136,7 @@ def export_onnx(
     if unfolded_path is not None:
         with _timed(seconds, "unfolded"):
             before = _export_proto(reference, export_args, input_names, output_names, opset, False)
-            unfolded = _serialized(before)
-            _check(unfolded)
-            _write(unfolded, Path(unfolded_path), {"normserve.source": "unfolded reference"})
+            _write_unfolded(before, Path(unfolded_path))
     with _timed(seconds, "export"):
         proto = _export_proto(folded, export_args, input_names, output_names, opset, True)
     with _timed(seconds, "check"):
@@ -322,6 +321,12 @@ def _write(model: bytes, path: Path, meta: Mapping[str, str]) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_unfolded(proto: onnx.ModelProto, path: Path) -> None:
+    data = _serialized(proto)
+    _check(data)
+    _write(data, path, {"normserve.source": "unfolded reference"})
 
 
 def _refuse_training_nodes(proto: onnx.ModelProto) -> None:
