@@ -26,7 +26,16 @@ from export.fold_norms import (
     statistics_reason,
     tail_reason,
 )
-from export.fold_trace import CONV, CONV_T, FOLD_TARGETS, Flow, NormCall, Trace, spatial_dims
+from export.fold_trace import (
+    CONV,
+    CONV_T,
+    FOLD_TARGETS,
+    MODEL_OUTPUT,
+    Flow,
+    NormCall,
+    Trace,
+    spatial_dims,
+)
 
 
 @dataclass(frozen=True)
@@ -259,7 +268,7 @@ def _fed_layer(trace: Trace, output: int) -> tuple[nn.Module, Flow, tuple[int, .
     fed = [tensor for tensor in flow_ids if tensor in trace.fed_to_layer]
     if not fed:
         readers = sorted({r for t in flow_ids for r in trace.readers.get(t, [])})
-        if not readers:
+        if readers in ([], [MODEL_OUTPUT]):
             return "its output is read by no layer (it is an output of the model)"
         return (
             f"its output goes to {', '.join(repr(r) for r in readers)} before any layer, so "

@@ -60,6 +60,9 @@ _DROPOUTS = frozenset(
 )
 
 
+MODEL_OUTPUT = "the model's output"
+
+
 class FoldError(ValueError):
     """The model cannot be analysed for folding (for example, no input to run it on)."""
 
@@ -270,6 +273,11 @@ def trace_model(model: nn.Module, example_input: ExampleInput) -> Trace:
     try:
         with torch.no_grad(), _Recorder(trace):
             trace.output = call_model(model, example_input)
+        # What the model returns is read too, though by no operation inside it.
+        for leaf in tree_leaves(trace.output):
+            if isinstance(leaf, torch.Tensor) and id(leaf) in trace.watched:
+                trace.uses[id(leaf)] += 1
+                trace.readers[id(leaf)].append(MODEL_OUTPUT)
     except Exception as exc:
         raise FoldError(
             f"running {type(model).__name__} on the example input failed "

@@ -716,3 +716,50 @@ def test_concatenation_with_a_part_read_elsewhere_is_kept(
         caller_snapshot,
         ["shares the output of 'c5' with 1 other operation(s) ('cat', 'sum')"],
     )
+
+
+class ReturnsLayerOutputToo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        return self.bn(y), y
+
+
+class ReturnsNormOutputToo(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.after = nn.Conv2d(4, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.bn(x)
+        return self.after(y), y
+
+
+@pytest.mark.parametrize(
+    ("model_class", "reason"),
+    [
+        pytest.param(ReturnsLayerOutputToo, "'batch_norm', \"the model's output\"", id="layer"),
+        pytest.param(ReturnsNormOutputToo, "'conv2d', \"the model's output\"", id="norm"),
+    ],
+)
+def test_a_tensor_the_model_returns_is_read(
+    model_class: type[nn.Module],
+    reason: str,
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    """Returning a tensor reads it with no operation inside the model; folding would change it."""
+    torch.manual_seed(SEED)
+    model = randomize(model_class()).train()
+    assert_unchanged = caller_snapshot(model)
+    x = torch.randn(IMAGE)
+    folded, report = fold_batchnorm_with_report(model, x)
+    assert_unchanged()
+    assert list(report.kept) == ["bn"] and reason in report.kept["bn"], report.kept
+    with torch.no_grad():
+        for got, want in zip(folded(x), copy.deepcopy(model).eval()(x), strict=True):
+            assert torch.equal(got, want)
