@@ -35,6 +35,8 @@ SEED = 0
 # A wrong fold is off by the size of the output, far beyond float32 rounding: the miss must
 # be large, not marginal, or the check would be one unlucky input away from passing it.
 LOUD = 10.0
+# The rule this replaced: max|file − torch fp32| <= 1e-5 · max(1, max|torch|).
+OLD_RTOL = 1e-5
 
 
 def times_the_bound(error: Exception) -> float:
@@ -113,6 +115,18 @@ def test_one_export_pass_without_an_unfolded_file(resnet50: Exported) -> None:
     assert {"fold", "export", "check", "parity", "write"} <= resnet50.report.seconds.keys()
 
 
+def old_rule_ratio(model: nn.Module, path: Path, x: torch.Tensor) -> float:
+    """max|file − torch fp32| over the old bound 1e-5·max(1, max|torch|) (above 1: refused)."""
+    with torch.no_grad():
+        want = model(x).double().numpy()
+    (got,) = session(path).run(None, {"input": x.numpy()})
+    return float(np.abs(got - want).max()) / (OLD_RTOL * max(1.0, float(np.abs(want).max())))
+
+
+def test_resnet50_was_a_false_alarm_under_the_old_rule(resnet50: Exported) -> None:
+    assert old_rule_ratio(resnet50.model, resnet50.report.path, images(5, seed=1)) > 1
+
+
 def test_the_file_agrees_with_torch_on_new_inputs(resnet50: Exported) -> None:
     x = images(4, seed=7)
     with torch.no_grad():
@@ -124,11 +138,12 @@ def test_the_file_agrees_with_torch_on_new_inputs(resnet50: Exported) -> None:
 
 
 def test_timm_model_exports(tmp_path: Path) -> None:
-    """timm's CSP Darknet (BatchNormAct2d blocks) also missed the old bound."""
-    model = realistic_batchnorm(timm_model("cs3darknet_s"), (3, SIDE, SIDE))
+    """timm's CSPDarknet-53 (BatchNormAct2d blocks) also missed the old bound."""
+    model = realistic_batchnorm(timm_model("cspdarknet53"), (3, SIDE, SIDE))
     report = export_onnx(model, images(2), tmp_path / "model.onnx")
     assert report.parity_fallback is None and report.parity_torch_error is not None
     assert 0 < report.parity_max_abs_error <= report.parity_bound
+    assert old_rule_ratio(model, report.path, images(5, seed=1)) > 1
 
 
 def test_segmentation_outputs_are_named_from_the_dict_keys(tmp_path: Path) -> None:
@@ -188,11 +203,19 @@ def with_epsilon_1e3(model: nn.Module) -> nn.Module:
     return fold_batchnorm_with_report(model, images(2))[0]
 
 
+@pytest.fixture(scope="module")
+def resnet18() -> nn.Module:
+    return realistic_batchnorm(torchvision_model("resnet18"), (3, SIDE, SIDE))
+
+
 @pytest.mark.parametrize("corrupt", [into_the_wrong_conv, with_epsilon_1e3])
 def test_wrong_fold_on_a_real_model_raises(
-    corrupt: Callable[[nn.Module], nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    corrupt: Callable[[nn.Module], nn.Module],
+    resnet18: nn.Module,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    model = realistic_batchnorm(torchvision_model("resnet18"), (3, SIDE, SIDE))
+    model = resnet18  # export_onnx hands the stand-in fold its own copy
     monkeypatch.setattr(to_onnx, "fold_batchnorm_with_report", handing_over(corrupt))
     path = tmp_path / "model.onnx"
     with pytest.raises(ParityError, match="exceeds the bound") as caught:
