@@ -33,7 +33,7 @@ from uvicorn.server import ServerState
 
 from service.front import limits
 from service.front.limits import FrontLimits, GuardedHttpProtocol
-from service.settings import Settings
+from service.settings import Settings, cpu_budget
 
 HEADER_TIMEOUT_S = 1.0
 BODY_TIMEOUT_S = 1.5
@@ -391,6 +391,31 @@ def test_sigterm_while_a_body_is_arriving_still_serves_it(repository: Path, tmp_
     assert status == 200 and headers.get("connection") == "close", answer[:300]
     assert orjson.loads(body)["outputs"][0]["shape"] == [1, 3]
     assert code == 0
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def test_each_worker_process_keeps_the_limits(repository: Path, tmp_path: Path) -> None:
+    """--workers 2 spawns processes that unpickle uvicorn's config and build their limits from
+    the NORMSERVE_* environment: both limits still hold on every connection."""
+    if cpu_budget() < 2:
+        pytest.skip("one CPU available: --workers 2 is refused at start-up")
+    args = ("--workers", "2", "--idle-timeout-s", "1", "--max-header-bytes", "2048")
+    with running_server(repository, tmp_path, *args) as srv:
+        started = time.monotonic()
+        silent = [connect(srv) for _ in range(4)]  # connections land on either worker
+        try:
+            for _ in range(4):
+                with connect(srv) as sock:
+                    sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nx-pad: " + b"p" * 2048)
+                    assert_refusal(read_all(sock), 431, "request headers exceed 2048 bytes")
+            for sock in silent:
+                assert closed_within(sock, 1.0 + SLACK_S)
+            assert time.monotonic() - started >= 0.9
+        finally:
+            for sock in silent:
+                sock.close()
 
 
 # ------------------------------------------------------------------------------ settings
