@@ -434,8 +434,8 @@ def _output_names(out: Any, given: Sequence[str] | None) -> list[str]:
             raise ExportError(f"{len(names)} output names for {len(paths)} outputs")
     else:
         names = [_name_of(path) for path in paths]
-        if len(paths) == 1 and not isinstance(out, dict):
-            names = ["output"]
+        if len(paths) == 1 and all(isinstance(k, _pytree.SequenceKey) for k in paths[0]):
+            names = ["output"]  # a tensor in a 1-tuple, as a bare tensor
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ExportError(f"output names {duplicates} repeat; give output_names explicitly")

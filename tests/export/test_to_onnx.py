@@ -464,6 +464,28 @@ def test_structured_outputs_are_named_from_keys_and_checked_each(tmp_path: Path)
         assert float(np.abs(g - w.numpy()).max()) <= bound(w.numpy())
 
 
+class Logits(NamedTuple):
+    logits: torch.Tensor
+
+
+@pytest.mark.parametrize(
+    ("wrap", "name"),
+    [(lambda t: t, "output"), (lambda t: (t,), "output"), (lambda t: {"probs": t}, "probs"),
+     (Logits, "logits")],
+    ids=["tensor", "1-tuple", "dict", "namedtuple"],
+)  # fmt: skip
+def test_a_single_output_is_named_from_its_key(
+    wrap: Callable[[torch.Tensor], Any], name: str, tmp_path: Path
+) -> None:
+    class Wrapped(nn.Linear):
+        def forward(self, x: torch.Tensor) -> Any:
+            return wrap(super().forward(x))
+
+    report = export_onnx(Wrapped(4, 3), torch.randn(2, 4), tmp_path / "model.onnx")
+    assert [o.name for o in report.outputs] == [name]
+    assert [o.name for o in onnx.load(str(report.path)).graph.output] == [name]
+
+
 def test_explicit_output_names_must_match_the_flattened_count(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="2 output names for 5 outputs"):
         export_onnx(Structured(), torch.randn(2, 4), tmp_path / "m.onnx", output_names=["x", "y"])
