@@ -161,8 +161,9 @@ def fold_weights_before(
     per_input = (groups, 1, in_per_group, *([1] * len(kernel)))
     new_weight = (grouped * affine.scale.reshape(per_input)).reshape(w.shape)
     shifted = (grouped * affine.shift.reshape(per_input)).sum(dim=tuple(range(2, grouped.dim())))
-    b = torch.zeros(out_channels, dtype=torch.float64) if bias is None else bias.detach().double()
-    return new_weight.to(dtype), (b + shifted.reshape(out_channels)).to(dtype)
+    shifted = shifted.reshape(out_channels)
+    b = torch.zeros_like(shifted) if bias is None else bias.detach().to(torch.float64)
+    return new_weight.to(dtype), (b + shifted).to(dtype)
 
 
 def fold_batchnorm(model: nn.Module, example_input: ExampleInput | None = None) -> nn.Module:
@@ -305,13 +306,13 @@ def _apply_merges(
             # The merged conv runs at the host's place (see Merge.host); main is a branch.
             host, main = main, copy.deepcopy(main)
             undo += _replace(model, merge.host, main)
-            undo += _replace(model, host, MergedBranch(into, weight.dtype))
+            undo += _replace(model, host, MergedBranch(into, weight))
         old_weights.append((main, main.weight, main.bias))
         main.weight = nn.Parameter(weight, requires_grad=main.weight.requires_grad)
         main.bias = nn.Parameter(bias, requires_grad=main.weight.requires_grad)
         for branch in (*merge.convs, *merge.norms):
             if branch is not merge.host:
-                undo += _replace(model, branch, MergedBranch(into, weight.dtype))
+                undo += _replace(model, branch, MergedBranch(into, weight))
     if _same_outputs(model, example_input, expected):
         return merges
     for parent, child_name, child in undo:

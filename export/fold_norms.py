@@ -193,10 +193,10 @@ class MergedBranch(nn.Module):
     which is ``main`` exactly.
     """
 
-    def __init__(self, merged_into: str, dtype: torch.dtype) -> None:
+    def __init__(self, merged_into: str, like: torch.Tensor) -> None:
         super().__init__()
         self.merged_into = merged_into
-        self.register_buffer("zero", torch.zeros((), dtype=dtype))
+        self.register_buffer("zero", torch.zeros((), dtype=like.dtype, device=like.device))
         self.eval()
 
     def forward(self, *args: object) -> torch.Tensor:

@@ -232,7 +232,7 @@ def merged_weights(merge: Merge) -> tuple[torch.Tensor, torch.Tensor]:
     """The main convolution's weight and bias with every branch added, computed in float64."""
     main = merge.main
     weight = main.weight.detach().to(torch.float64).clone()
-    bias = torch.zeros(main.out_channels, dtype=torch.float64)
+    bias = torch.zeros(main.out_channels, dtype=torch.float64, device=weight.device)
     for conv in (main, *merge.convs):
         if conv.bias is not None:
             bias += conv.bias.detach().to(torch.float64)
@@ -243,7 +243,7 @@ def merged_weights(merge: Merge) -> tuple[torch.Tensor, torch.Tensor]:
             weight[(slice(None), slice(None), *target)] += branch[
                 (slice(None), slice(None), *position)
             ]
-    channels = torch.arange(main.out_channels)
+    channels = torch.arange(main.out_channels, device=weight.device)
     per_group = main.in_channels // main.groups
     for norm in merge.norms:
         affine = affine_of(norm)
