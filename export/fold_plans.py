@@ -291,7 +291,9 @@ def _before_reason(
         return f"which takes {channels} channels, not the BatchNorm's {channels_of(norm)}"
     axis = -1 if isinstance(layer, nn.Linear) else -spatial_dims(layer) - 1
     if not flow.feature_axis_is(shape, axis):
-        return f"whose feature axis of its input {list(shape)} is not the normalized axis"
+        return (
+            f"whose input {list(shape)} does not hold the normalized channels on its feature axis"
+        )
     if isinstance(layer, CONV) and _zero_pads(layer):
         return (
             f"which pads with zeros (padding={layer.padding}): the pad stands for a "
