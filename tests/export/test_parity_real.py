@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from real_models import realistic_batchnorm, timm_model, torchvision_model
+from real_models import import_torchvision, realistic_batchnorm, timm_model, torchvision_model
 from torch import nn
 
 import export.to_onnx as to_onnx
@@ -163,6 +163,23 @@ def test_segmentation_outputs_are_named_from_the_dict_keys(tmp_path: Path) -> No
     got = dict(zip(["out", "aux"], outputs, strict=True))
     for name in ("out", "aux"):
         assert float(np.abs(got[name] - want[name].numpy()).max()) <= 2 * report.parity_bound
+
+
+def test_hugging_face_model_output_is_named_from_its_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' models return a ModelOutput (a dict subclass): ``logits`` here."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import_torchvision()  # transformers imports torchvision when it is installed
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=3
+    )
+    torch.manual_seed(SEED)
+    model = realistic_batchnorm(transformers.ResNetForImageClassification(config), (3, 32, 32))
+    report = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "model.onnx")
+    assert [(o.name, o.shape) for o in report.outputs] == [("logits", [-1, 3])]
+    assert report.parity_fallback is None and (report.bn_folded, report.bn_kept) == (8, 0)
 
 
 # ---------------------------------------------------------------------------- wrong folds fail
