@@ -466,6 +466,15 @@ KEPT_BEFORE = [
     ),
     pytest.param(TimmPreNormWithAct, ["applies ReLU after normalizing"], id="known-class-act"),
 ]
+KEPT_BEFORE_SHAPED = [
+    # BatchNorm1d on [N, C, L] normalizes C; a Linear reads L. C == L: every shape fits.
+    pytest.param(
+        lambda: BNThen(nn.BatchNorm1d(4), nn.Linear(4, 3)),
+        (5, 4, 4),
+        ["does not hold the normalized channels on its feature axis"],
+        id="linear-on-another-axis",
+    ),
+]
 
 
 @pytest.mark.parametrize(("make_model", "reason_parts"), KEPT_BEFORE)
@@ -476,6 +485,17 @@ def test_batchnorm_before_a_layer_is_kept_where_inexact(
 ) -> None:
     torch.manual_seed(SEED)
     check_kept(make_model(), torch.randn(IMAGE), caller_snapshot, reason_parts)
+
+
+@pytest.mark.parametrize(("make_model", "shape", "reason_parts"), KEPT_BEFORE_SHAPED)
+def test_batchnorm_before_a_layer_reading_another_axis_is_kept(
+    make_model: Callable[[], nn.Module],
+    shape: tuple[int, ...],
+    reason_parts: list[str],
+    caller_snapshot: Callable[[nn.Module], Callable[[], None]],
+) -> None:
+    torch.manual_seed(SEED)
+    check_kept(make_model(), torch.randn(shape), caller_snapshot, reason_parts)
 
 
 def test_padding_is_why_the_fold_refuses_it() -> None:
