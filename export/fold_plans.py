@@ -142,7 +142,7 @@ def _chain_reason(flow: Flow, name: str, trace: Trace) -> str | None:
                 "changed it in place"
             )
         if trace.uses[tensor] != 1:
-            what = "the output" if depth == 0 else "a reshaped output"
+            what = "the output" if depth == 0 else "a reshaped or averaged output"
             return (
                 f"shares {what} of '{name}' with {trace.uses[tensor] - 1} other "
                 f"operation(s) ({_readers(trace, tensor)}), which must see the "
@@ -177,9 +177,13 @@ def _after_concatenation(
             return f"follows '{name}' (in a concatenation), {reason}"
         if not flow.feature_axis_is(shape, 1):
             return f"reads a concatenation whose part from '{name}' has its features elsewhere"
-        reason = _chain_reason(flow, name, trace)
-        if reason is not None:
-            return reason
+        busy = [t for t in flow.chain if trace.uses[t] != 1 or trace.changed.get(t)]
+        if busy:
+            return (
+                f"reads a concatenation ('cat') whose part from '{name}' is also read or "
+                f"changed elsewhere ({_readers(trace, busy[0])}), which must see the "
+                "unnormalized values"
+            )
         layers.append(layer)
         channels.append(slice(start, start + shape[1]))
         start += shape[1]

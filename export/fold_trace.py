@@ -2,17 +2,21 @@
 
 A ``TorchFunctionMode`` counts every operation that reads each watched tensor (layer outputs,
 BatchNorm outputs, layer weights, BatchNorm statistics) and module hooks record what each layer
-and BatchNorm call receives and returns. Three things are followed through the run:
+and BatchNorm call receives and returns. What is followed through the run:
 
 - *flows*: a layer's or BatchNorm's output and the tensors made from it by row-major
-  relabellings only (``view``, ``reshape``, ``flatten``, ...). Such a relabelling keeps each
-  element's feature (channel) index computable: an element at flat position ``k`` belongs to
-  feature ``(k // inner) % channels`` where ``inner`` is the number of elements after the
-  feature axis. So an axis of a later tensor is that feature axis exactly when its size is
-  ``channels`` and the sizes after it multiply to ``inner``: LeViT's ``linear(x).flatten(0, 1)``
-  keeps the linear's features on axis 1, where ``BatchNorm1d`` normalizes.
-- *sums*: ``a + b`` of two watched tensors of one shape (RepVGG's parallel branches).
-- the inputs of every layer and BatchNorm call, kept alive so that ids stay unique.
+  relabellings (``view``, ``reshape``, ``flatten``, ...). A relabelling keeps each element's
+  feature (channel) index computable: an element at flat position ``k`` belongs to feature
+  ``(k // inner) % channels``, ``inner`` being the number of elements after the feature axis.
+  So an axis of a later tensor is that feature axis exactly when its size is ``channels`` and
+  the sizes after it multiply to ``inner``: LeViT's ``linear(x).flatten(0, 1)`` keeps the
+  linear's features on axis 1, where ``BatchNorm1d`` normalizes. Per-channel averages over
+  real positions (``avg_pool2d`` counting no padding, ``adaptive_avg_pool2d``) continue a
+  flow too: they commute with a per-channel affine map.
+- *sums*: ``a + b`` (and ``a += b``) of watched tensors of one shape (RepVGG's branches).
+- *concatenations* of layer outputs (MixNet's MixedConv2d).
+- the inputs of every layer and BatchNorm call, kept alive so that ids stay unique, and what
+  changed a watched tensor in place.
 
 Nothing is traced symbolically, so models with data-dependent Python work as they run.
 """
@@ -208,6 +212,18 @@ class _Recorder(TorchFunctionMode):
                 flow.source, flow.from_norm, flow.channels, flow.inner, (*flow.chain, id(out))
             )
             self.trace.watch(out)
+        elif (
+            flow is not None
+            and _averages_channels(name, args, kwargs)
+            and first.dim() >= 3
+            and flow.feature_axis_is(first.shape, 1)
+        ):
+            # A per-channel average of real inputs commutes with a per-channel affine map.
+            inner = math.prod(out.shape[2:])
+            self.trace.flows[id(out)] = Flow(
+                flow.source, flow.from_norm, flow.channels, inner, (*flow.chain, id(out))
+            )
+            self.trace.watch(out)
         elif name == "add" and len(args) == 2 and not kwargs and _is_zero(args[1]):
             if id(first) in self.trace.watched:
                 self.trace.zero_adds[id(out)] = id(first)
@@ -235,6 +251,26 @@ class _Recorder(TorchFunctionMode):
                     self.trace.aliases[old] = id(first)
                 self.trace.uses[old] = self.trace.uses.pop(id(first), 0)
                 self.trace.sums[id(first)] = (old, id(other))
+
+
+_AVG_POOL_PARAMETERS = (
+    "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override",
+)  # fmt: skip
+
+
+def _averages_channels(name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether the call averages each channel over real input positions only (no zero pad
+    counted, no divisor override), so that avg(x·s + t) = avg(x)·s + t exactly."""
+    if name in ("adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d"):
+        return True
+    if name not in ("avg_pool1d", "avg_pool2d", "avg_pool3d"):
+        return False
+    given = {**dict(zip(_AVG_POOL_PARAMETERS, args[1:], strict=False)), **kwargs}
+    padding = given.get("padding", 0)
+    padded = any(p != 0 for p in padding) if isinstance(padding, list | tuple) else padding != 0
+    return given.get("divisor_override") is None and (
+        not padded or given.get("count_include_pad", True) is False
+    )
 
 
 def _is_zero(value: Any) -> bool:

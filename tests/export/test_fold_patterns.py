@@ -280,12 +280,25 @@ class LinearViewBN2d(nn.Module):
         return self.bn(self.linear(x).view(-1, 6, 1, 1).clone())
 
 
+class ConvPoolBN1d(nn.Module):
+    """conv → global average → flatten → BatchNorm1d: the average commutes with the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3)
+        self.bn = nn.BatchNorm1d(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(F.adaptive_avg_pool2d(self.conv(x), 1).flatten(1))
+
+
 @pytest.mark.parametrize(
     ("model_class", "shape"),
     [
         pytest.param(LinearFlattenBN, (3, 5, 4), id="levit-linear-flatten-bn1d"),
         pytest.param(ConvFlattenBN1d, (2, 4, 7, 8), id="conv-flatten-bn1d"),
         pytest.param(LinearViewBN2d, (5, 4), id="linear-view-bn2d"),
+        pytest.param(ConvPoolBN1d, (2, 4, 7, 8), id="conv-global-pool-bn1d"),
     ],
 )
 def test_batchnorm_through_feature_keeping_reshapes_folds(
@@ -340,7 +353,11 @@ class ReshapedOutputReadTwice(nn.Module):
     [
         pytest.param(LinearReshapeAcross, ["normalizes axis 1", "last axis"], id="reshape-across"),
         pytest.param(LinearTransposeBN, ["'transpose'"], id="transpose"),
-        pytest.param(ReshapedOutputReadTwice, ["shares a reshaped output"], id="read-twice"),
+        pytest.param(
+            ReshapedOutputReadTwice,
+            ["shares a reshaped or averaged output of 'linear'"],
+            id="read-twice",
+        ),
     ],
 )
 def test_reshape_that_loses_the_feature_axis_is_kept(
@@ -402,6 +419,29 @@ BEFORE_CASES = [
         lambda: BNThen(nn.BatchNorm2d(4), nn.Linear(4, 3), Flatten()),
         (5, 4, 1, 1),
         id="flatten-then-linear",
+    ),
+    pytest.param(
+        lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.AvgPool2d(2, ceil_mode=True)),
+        IMAGE,
+        id="avg-pool-then-conv",  # CoAtNet's pre-norm, downsampled by pooling
+    ),
+    pytest.param(
+        lambda: BNThen(
+            nn.BatchNorm2d(4),
+            nn.Conv2d(4, 6, 1),
+            nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        ),
+        IMAGE,
+        id="padded-avg-pool-not-counting-the-pad",
+    ),
+    pytest.param(
+        lambda: BNThen(
+            nn.BatchNorm2d(4),
+            nn.Linear(4, 3),
+            nn.Sequential(nn.AdaptiveAvgPool2d(1), Flatten()),
+        ),
+        IMAGE,
+        id="global-pool-then-linear",
     ),
 ]
 
@@ -465,6 +505,11 @@ KEPT_BEFORE = [
         id="conv-transpose",
     ),
     pytest.param(TimmPreNormWithAct, ["applies ReLU after normalizing"], id="known-class-act"),
+    pytest.param(
+        lambda: BNThen(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.AvgPool2d(3, padding=1)),
+        ["its output goes to 'avg_pool2d' before any layer"],
+        id="avg-pool-counting-zero-pad",
+    ),
 ]
 KEPT_BEFORE_SHAPED = [
     # BatchNorm1d on [N, C, L] normalizes C; a Linear reads L. C == L: every shape fits.
@@ -734,7 +779,7 @@ def test_concatenation_with_a_part_read_elsewhere_is_kept(
         MixedConv(read_part_twice=True),
         torch.randn(IMAGE),
         caller_snapshot,
-        ["shares the output of 'c5' with 1 other operation(s) ('cat', 'sum')"],
+        ["part from 'c5' is also read or changed elsewhere ('cat', 'sum')"],
     )
 
 
