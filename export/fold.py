@@ -5,9 +5,11 @@ An eval-mode BatchNorm is a per-channel affine map ``y = xÂ·s + t`` with ``s = Î
 
 - *after* a convolution or linear layer whose output nothing else reads (``fold_weights``),
   also through reshapes that keep the layer's feature axis as the BatchNorm's axis (LeViT's
-  ``bn(linear(x).flatten(0, 1))``);
+  ``bn(linear(x).flatten(0, 1))``), average pooling, and channel concatenations of several
+  such outputs (a slice of the BatchNorm into each: MixNet);
 - *before* a convolution without zero padding or a linear layer that alone reads its output
-  (``fold_weights_before``: DenseNet-style pre-norm without the ReLU, MaxViT's MBConv);
+  (``fold_weights_before``: MaxViT's and CoAtNet's MBConv pre-norm; DenseNet's cannot, a ReLU
+  sits between);
 - *beside* convolutions of the same input in a sum (RepVGG's ``conv3x3 + conv1x1 + bn(x)``):
   the branches merge into one convolution (``export.fold_reparam``).
 
