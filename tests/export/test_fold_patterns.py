@@ -10,7 +10,10 @@ is the eval model's, bit for bit. The caller's model never changes.
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -828,3 +831,19 @@ def test_a_tensor_the_model_returns_is_read(
     with torch.no_grad():
         for got, want in zip(folded(x), copy.deepcopy(model).eval()(x), strict=True):
             assert torch.equal(got, want)
+
+
+def test_the_fold_imports_neither_timm_nor_torchvision() -> None:
+    """Known classes are matched by name: folding a plain torch model loads neither library."""
+    code = (
+        "import sys, torch; from export import fold_batchnorm; "
+        "fold_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)), "
+        "torch.randn(2, 3, 8, 8)); "
+        "print(sorted(m for m in ('timm', 'torchvision') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"
