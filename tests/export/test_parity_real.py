@@ -273,6 +273,37 @@ def test_reused_conv_folded_twice_raises(tmp_path: Path, monkeypatch: pytest.Mon
     assert times_the_bound(caught.value) > LOUD
 
 
+class Segmenter(nn.Module):
+    """Per-pixel class indices only (int64), as a served segmentation head might return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.conv(x)).argmax(1)
+
+
+def test_integer_outputs_are_compared_by_the_share_that_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch.manual_seed(SEED)
+    model = realistic_batchnorm(Segmenter(), (3, 16, 16))
+    report = export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "model.onnx")
+    assert [(o.name, o.datatype) for o in report.outputs] == [("output", "INT64")]
+    assert report.parity_max_abs_error <= report.parity_bound < 0.01
+
+    def wrong_epsilon(copy_: nn.Module) -> nn.Module:
+        fold_into(copy_.conv, copy_.bn, eps=1.0)
+        copy_.bn = nn.Identity()
+        return copy_
+
+    monkeypatch.setattr(to_onnx, "fold_batchnorm_with_report", handing_over(wrong_epsilon))
+    with pytest.raises(ParityError, match=r"% of the values from onnxruntime differ"):
+        export_onnx(model, torch.randn(2, 3, 16, 16), tmp_path / "wrong.onnx")
+
+
 # ---------------------------------------------------------------------------- fallback
 
 
