@@ -18,15 +18,15 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app
 from service.errors import RepositoryError
-from service.front.limits import GuardedHttpProtocol, configure
-from service.operations.metrics import MULTIPROC_ENV
 from service.repository import list_models, scan_repository
 from service.settings import Settings
+
+# The server's own modules (uvicorn, the app, onnxruntime behind it) are imported in main():
+# the process that decodes large bodies (service.front.decoding) starts by importing this
+# module as its __main__, and needs none of them (58 -> ~35 MB).
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,6 +62,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
+    import uvicorn
+
+    from service.app import create_app
+    from service.front.limits import GuardedHttpProtocol, configure
+
     configure(settings)  # raises the open-file limit here, so worker processes inherit it
     if settings.workers == 1:
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies by
@@ -98,11 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _shared_metrics_directory() -> Iterator[None]:
-    """Where the workers' metric files go (see service.operations.metrics), set before they start.
+    """Where the workers' metric files go (see service.operations.metrics), set before they
+    start.
 
     A directory given in PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files
     first (prometheus-client's rule); otherwise a private one is made and removed at exit.
     """
+    from service.operations.metrics import MULTIPROC_ENV
+
     given = os.environ.get(MULTIPROC_ENV)
     directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="normserve-metrics-"))
     directory.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 from service.front.asgi import Receive, Scope, Send
 from service.front.context import Context
+from service.front.decoding import BodyDecoder
 from service.front.dispatch import HttpFront
 from service.front.openapi import document
 from service.front.routing import Router
@@ -45,6 +46,7 @@ class NormserveApp:
             protocol=self.protocol,
             metrics=self.metrics,
             samples=SamplesFile(settings.repository),
+            decoder=BodyDecoder(),
             openapi=document(self.router.routes),
         )
         self.http = HttpFront(self.context, self.router, access_log=settings.access_log)
@@ -71,6 +73,7 @@ class NormserveApp:
         await receive()  # lifespan.shutdown
         # uvicorn has finished the in-flight requests before this point; drain the queues.
         await self.store.stop()
+        self.context.decoder.close()
         self.metrics.close()
         await send({"type": "lifespan.shutdown.complete"})
 

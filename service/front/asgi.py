@@ -51,10 +51,13 @@ class Request:
                 return text
         return None
 
+    def content_length(self) -> int | None:
+        return header_int("Content-Length", self.header(b"content-length"))
+
     async def body(self, limit: int) -> bytes:
         """The body, refused with 413 past ``limit`` bytes (the declared Content-Length
         first, then counted while streaming)."""
-        declared = header_int("Content-Length", self.header(b"content-length"))
+        declared = self.content_length()
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
         chunks: list[bytes] = []

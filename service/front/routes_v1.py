@@ -7,8 +7,7 @@ import orjson
 from service.front.asgi import JSON, Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
-from service.protocol.request_limits import check_depth, decode_json_body
-from service.protocol.v1 import decode_v1, encode_v1
+from service.protocol.v1 import decode_v1_body, encode_v1
 
 
 async def model_status(ctx: Context, request: Request) -> Response:
@@ -30,12 +29,12 @@ async def model_status(ctx: Context, request: Request) -> Response:
 async def predict(ctx: Context, request: Request) -> Response:
     served = ctx.protocol.admit(request.params["model_name"], None)
     settings = ctx.settings
+    ctx.decoder.admit(request.content_length())
     body = await request.body(settings.max_request_bytes)
-    payload = decode_json_body(body)
-    check_depth(payload, settings.max_json_depth, body)
-    outputs = await request.until_disconnected(
-        ctx.protocol.submit(served, decode_v1(payload, served.config), None)
+    inputs = await ctx.decoder(
+        len(body), decode_v1_body, body, settings.max_json_depth, served.config
     )
+    outputs = await request.until_disconnected(ctx.protocol.submit(served, inputs, None))
     return Response(200, orjson.dumps(encode_v1(outputs, served.config)), [(b"content-type", JSON)])
 
 

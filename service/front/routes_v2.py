@@ -57,8 +57,12 @@ async def infer(ctx: Context, request: Request) -> Response:
     served = ctx.protocol.admit(request.params["model_name"], request.params.get("version"))
     settings = ctx.settings
     json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
+    ctx.decoder.admit(request.content_length())
     body = await request.body(settings.max_request_bytes)
-    decoded = decode_infer_request(body, json_length, settings.limits, served.model.check_declared)
+    check = served.model.signature.check_declared
+    decoded = await ctx.decoder(
+        len(body), decode_infer_request, body, json_length, settings.limits, check
+    )
     outputs = await request.until_disconnected(
         ctx.protocol.submit(served, decoded.inputs, decoded.timeout_ms, decoded.outputs)
     )

@@ -14,6 +14,7 @@ import numpy as np
 
 from service.datatypes import DATATYPE_TO_NUMPY
 from service.errors import InvalidInput
+from service.protocol.request_limits import check_depth, decode_json_body
 from service.repository import ModelConfig, TensorSpec
 
 
@@ -47,6 +48,13 @@ def decode_v1(payload: Any, config: ModelConfig) -> dict[str, np.ndarray]:
         else:
             raise InvalidInput(f'"inputs" must be an object with the inputs {sorted(specs)}')
     return {name: _array(specs[name], value) for name, value in columns.items()}
+
+
+def decode_v1_body(body: bytes, max_depth: int, config: ModelConfig) -> dict[str, np.ndarray]:
+    """``decode_v1`` from the raw body: JSON parse and nesting limit first."""
+    payload = decode_json_body(body)
+    check_depth(payload, max_depth, body)
+    return decode_v1(payload, config)
 
 
 def encode_v1(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[str, Any]:
@@ -93,13 +101,28 @@ def _field(obj: dict[str, Any], name: str) -> Any:
     return obj[name]
 
 
+# Rows converted per step: np.asarray holds the GIL for a whole call, and a large request
+# is decoded in a worker thread (service.front) so that the event loop gets it in between.
+_ROWS_PER_STEP = 64
+
+
 def _array(spec: TensorSpec, value: Any) -> np.ndarray:
+    ragged = InvalidInput(
+        f"input '{spec.name}': nested lists are ragged (rows of different lengths)"
+    )
     try:
-        raw = np.asarray(value)
+        if isinstance(value, list) and len(value) > _ROWS_PER_STEP:
+            parts = [
+                np.asarray(value[i : i + _ROWS_PER_STEP])
+                for i in range(0, len(value), _ROWS_PER_STEP)
+            ]
+            if len({part.shape[1:] for part in parts}) > 1:
+                raise ragged
+            raw = np.concatenate(parts)
+        else:
+            raw = np.asarray(value)
     except ValueError:
-        raise InvalidInput(
-            f"input '{spec.name}': nested lists are ragged (rows of different lengths)"
-        ) from None
+        raise ragged from None
     kinds = "b" if spec.datatype == "BOOL" else "iuf" if spec.datatype.startswith("FP") else "iu"
     if raw.dtype.kind not in kinds or raw.dtype == object:
         raise InvalidInput(

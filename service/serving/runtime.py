@@ -17,9 +17,10 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from service.datatypes import DATATYPE_TO_NUMPY, datatype_of
-from service.errors import InvalidInput, RepositoryError
+from service.datatypes import DATATYPE_TO_NUMPY
+from service.errors import RepositoryError
 from service.repository import ModelConfig, ModelVersion, TensorSpec
+from service.serving.signature import Signature
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -156,7 +157,7 @@ class OnnxModel:
                 f"{path.name}: {_load_failure(str(exc))}"
             ) from exc
         self._check_signature()
-        self._specs = {spec.name: spec for spec in self.inputs}
+        self.signature = Signature(self.name, self.inputs, self.max_batch_size)
         self.threads = threads
 
     @property
@@ -182,40 +183,8 @@ class OnnxModel:
         return self.config.max_batch_size
 
     def validate(self, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """The inputs in signature order, checked: names, datatype, rank, dims, batch, finite."""
-        expected = {s.name for s in self.inputs}
-        unexpected = sorted(set(tensors) - expected)
-        if unexpected:
-            raise InvalidInput(
-                f"model '{self.name}' has no input(s) {unexpected}; its inputs are "
-                f"{sorted(expected)}"
-            )
-        checked: dict[str, np.ndarray] = {}
-        batch: int | None = None
-        for spec in self.inputs:
-            if spec.name not in tensors:
-                raise InvalidInput(f"input '{spec.name}' is missing")
-            array = tensors[spec.name]
-            _check_declared(spec, datatype_of(array), array.shape, self.max_batch_size)
-            if batch is not None and array.shape[0] != batch:
-                raise InvalidInput(
-                    f"input '{spec.name}' has batch size {array.shape[0]}, but another input "
-                    f"has {batch}: all inputs must have the same batch size"
-                )
-            batch = array.shape[0]
-            checked[spec.name] = _check_values(spec, array)
-        return checked
-
-    def check_declared(self, name: str, datatype: str, shape: tuple[int, ...]) -> None:
-        """What ``validate`` checks of one input that its declaration alone decides (name,
-        datatype, rank, dims, batch): for codecs to refuse a request before converting data."""
-        spec = self._specs.get(name)
-        if spec is None:
-            raise InvalidInput(
-                f"model '{self.name}' has no input(s) [{name[:64]!r}]; its inputs are "
-                f"{sorted(self._specs)}"
-            )
-        _check_declared(spec, datatype, shape, self.max_batch_size)
+        """The inputs in signature order, checked (see Signature.validate)."""
+        return self.signature.validate(tensors)
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """All outputs for already validated inputs."""
@@ -250,55 +219,3 @@ def _example(spec: TensorSpec) -> np.ndarray:
     if spec.datatype == "BYTES":
         return np.full(shape, b"", dtype=np.object_)
     return np.zeros(shape, DATATYPE_TO_NUMPY[spec.datatype])
-
-
-def _check_declared(
-    spec: TensorSpec, datatype: str, shape: tuple[int, ...] | list[int], max_batch: int
-) -> None:
-    if datatype != spec.datatype:
-        raise InvalidInput(
-            f"input '{spec.name}': expected datatype {spec.datatype}, got {datatype}"
-        )
-    shape = list(shape)
-    if len(shape) != len(spec.shape):
-        raise InvalidInput(
-            f"input '{spec.name}': expected shape {spec.shape} (rank {len(spec.shape)}), got "
-            f"{_shown(shape)} (rank {len(shape)})" + _unbatched_hint(spec, shape)
-        )
-    for axis, (want_dim, got_dim) in enumerate(zip(spec.shape, shape, strict=True)):
-        if want_dim != -1 and want_dim != got_dim:
-            raise InvalidInput(
-                f"input '{spec.name}': expected shape {spec.shape}, got {shape} "
-                f"(axis {axis} must be {want_dim})"
-            )
-    if shape[0] < 1:
-        raise InvalidInput(f"input '{spec.name}': the batch is empty (shape {shape})")
-    if shape[0] > max_batch:
-        raise InvalidInput(
-            f"input '{spec.name}': batch size {shape[0]} exceeds the model's maximum "
-            f"{max_batch} (axis 0 is the batch axis); split the request"
-        )
-
-
-def _shown(shape: list[int]) -> str:
-    # A shape can have up to 64 dimensions of any size: keep messages short.
-    text = str(shape)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _check_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    if array.dtype.kind == "f" and not np.isfinite(array).all():
-        bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
-        raise InvalidInput(
-            f"input '{spec.name}': values must be finite; element {bad} (row-major) is "
-            f"{array.reshape(-1)[bad]}"
-        )
-    return np.ascontiguousarray(array)
-
-
-def _unbatched_hint(spec: TensorSpec, shape: list[int]) -> str:
-    if len(shape) == len(spec.shape) - 1 and all(
-        w in (-1, g) for w, g in zip(spec.shape[1:], shape, strict=True)
-    ):
-        return f"; the batch dimension is missing: send shape [1, {', '.join(map(str, shape))}]"
-    return ""

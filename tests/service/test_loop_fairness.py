@@ -1,0 +1,136 @@
+"""Overload and large bodies cannot starve the other clients.
+
+A request for a model whose queue is full is refused (503 + Retry-After) before its body is
+read; large bodies are decoded in a child process (service.front.decoding), so that
+everyone else's health checks keep being answered.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+import pytest
+from servers import running_server
+from starlette.testclient import TestClient
+from tiny_onnx import FEATURES, tiny_repository
+
+from service.app import create_app
+from service.front.decoding import OFF_LOOP_BYTES
+from service.settings import Settings
+
+# Health-check delay allowed while four ~8 MB bodies are decoded. The goal is 50 ms (53 ms
+# measured here with other work on the machine); decoded on the event loop they delayed
+# it by 323 ms, in worker threads by up to 210 ms. Three times the goal, for a busy CI.
+STALL_BOUND_MS = float(os.environ.get("NORMSERVE_TEST_STALL_BOUND_MS", "150"))
+
+
+def _scope(path: str) -> dict[str, Any]:
+    return {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+        "root_path": "", "headers": [(b"content-length", b"2")],
+        "client": ("127.0.0.1", 1), "server": ("testserver", 80),
+    }  # fmt: skip
+
+
+def test_a_full_queue_is_refused_before_the_body_is_read(tmp_path: Path) -> None:
+    repository = tiny_repository(tmp_path)
+    app = create_app(Settings(repository=repository, max_queue_size=2, access_log=False))
+    calls = 0
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def scenario() -> None:
+        served = app.store.served["tiny"]
+        x = {"x": np.zeros((1, FEATURES), np.float32)}
+        # No await between these and the request: the batcher cannot take them meanwhile.
+        queued = [app.protocol.submit(served, x, None) for _ in range(2)]
+        await app(_scope("/v2/models/tiny/infer"), receive, send)
+        for future in queued:  # the queued work still completes
+            assert (await future)["scores"].shape == (1, 3)
+
+    with TestClient(app) as client:
+        client.portal.call(scenario)
+    assert calls == 0, "the body was read for a request that was refused anyway"
+    start, body = sent
+    assert start["status"] == 503
+    headers = dict(start["headers"])
+    assert headers[b"retry-after"] == b"1"
+    assert b"overloaded" in body["body"]
+
+
+def _big_bodies() -> list[bytes]:
+    rows = np.random.default_rng(0).random((9_000, 100)).round(6).tolist()
+    # Wrong dims: refused once parsed, before conversion. Right dims, far too much data:
+    # refused after flattening. Both well above OFF_LOOP_BYTES.
+    wrong_dims = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [9_000, 100], "data": rows}]
+    }
+    too_much = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [8, FEATURES], "data": rows}]}
+    bodies = [orjson.dumps(wrong_dims), orjson.dumps(too_much)] * 2
+    assert all(len(body) > 5 * OFF_LOOP_BYTES for body in bodies)
+    return bodies
+
+
+def test_large_bodies_do_not_stall_other_clients(tmp_path: Path) -> None:
+    repository = tiny_repository(tmp_path)
+    bodies = _big_bodies()
+    with running_server(repository, tmp_path, "--max-batch-size", "8") as server:
+        statuses: list[int] = []
+
+        def post(body: bytes) -> None:
+            with httpx.Client(base_url=server.http_url, timeout=60) as client:
+                statuses.append(client.post("/v2/models/tiny/infer", content=body).status_code)
+
+        latencies: list[float] = []
+        with httpx.Client(base_url=server.http_url, timeout=10) as health:
+            health.get("/v2/health/ready")  # the connection is open before the bodies come
+            senders = [threading.Thread(target=post, args=(b,)) for b in bodies]
+            for sender in senders:
+                sender.start()
+            while any(sender.is_alive() for sender in senders):
+                started = time.perf_counter()
+                assert health.get("/v2/health/ready").status_code == 200
+                latencies.append((time.perf_counter() - started) * 1000)
+            for sender in senders:
+                sender.join()
+    assert statuses == [400] * 4
+    assert len(latencies) > 10, "the big requests ended before anything was measured"
+    worst = max(latencies)
+    assert worst < STALL_BOUND_MS, (
+        f"health check delayed {worst:.0f} ms (p50 {np.median(latencies):.1f})"
+    )
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT32", "BOOL"])
+def test_large_tensors_decode_in_steps_to_the_same_values(datatype: str) -> None:
+    """The stepwise conversion gives exactly what one conversion would."""
+    from service.protocol.v2_json import CHUNK, decode_json_data
+    from service.protocol.v2_types import InputSpec
+
+    rng = np.random.default_rng(1)
+    count = 3 * CHUNK + 17
+    values = {
+        "FP32": rng.random(count).astype(np.float32),
+        "INT32": rng.integers(-1000, 1000, count).astype(np.int32),
+        "BOOL": rng.random(count) > 0.5,
+    }[datatype]
+    shape = (count // 7 + 1, 7)
+    padded = np.resize(values, shape[0] * shape[1])
+    for data in (padded.tolist(), padded.reshape(shape).tolist()):
+        spec = InputSpec("x", datatype, shape, None, data)
+        np.testing.assert_array_equal(decode_json_data(spec), padded.reshape(shape))
