@@ -101,28 +101,13 @@ def _field(obj: dict[str, Any], name: str) -> Any:
     return obj[name]
 
 
-# Rows converted per step: np.asarray holds the GIL for a whole call, and a large request
-# is decoded in a worker thread (service.front) so that the event loop gets it in between.
-_ROWS_PER_STEP = 64
-
-
 def _array(spec: TensorSpec, value: Any) -> np.ndarray:
-    ragged = InvalidInput(
-        f"input '{spec.name}': nested lists are ragged (rows of different lengths)"
-    )
     try:
-        if isinstance(value, list) and len(value) > _ROWS_PER_STEP:
-            parts = [
-                np.asarray(value[i : i + _ROWS_PER_STEP])
-                for i in range(0, len(value), _ROWS_PER_STEP)
-            ]
-            if len({part.shape[1:] for part in parts}) > 1:
-                raise ragged
-            raw = np.concatenate(parts)
-        else:
-            raw = np.asarray(value)
+        raw = np.asarray(value)
     except ValueError:
-        raise ragged from None
+        raise InvalidInput(
+            f"input '{spec.name}': nested lists are ragged (rows of different lengths)"
+        ) from None
     kinds = "b" if spec.datatype == "BOOL" else "iuf" if spec.datatype.startswith("FP") else "iu"
     if raw.dtype.kind not in kinds or raw.dtype == object:
         raise InvalidInput(

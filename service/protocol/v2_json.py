@@ -18,11 +18,6 @@ from service.protocol.text import json_kind, preview
 from service.protocol.v2_binary import object_array
 from service.protocol.v2_types import InputSpec
 
-# Elements converted per step. A large tensor is decoded in a worker thread (service.front);
-# numpy's list conversions hold the GIL for a whole call, so they are made in steps of this
-# many elements (about a millisecond each here) and the event loop gets the GIL in between.
-CHUNK = 1 << 16
-
 # JSON element types each kind of datatype accepts, and their name for messages.
 _JSON_ELEMENTS: dict[str, tuple[frozenset[type], str]] = {
     "b": (frozenset({bool}), "booleans"),
@@ -38,8 +33,7 @@ def decode_json_data(spec: InputSpec) -> np.ndarray:
     if not isinstance(spec.data, list):
         raise spec.fail(f"'data' must be a JSON array, got {json_kind(spec.data)}")
     # Flat data (the usual V2 form, row-major) needs no flattening pass.
-    nested = bool(spec.data) and isinstance(spec.data[0], list)
-    flat = _flatten_in_steps(spec) if nested else spec.data
+    flat = _flatten(spec.data) if spec.data and isinstance(spec.data[0], list) else spec.data
     # Types first: ragged data flattens to the wrong count, and "ragged" is the better message.
     _check_element_types(spec, flat)
     if len(flat) != spec.count:
@@ -57,26 +51,9 @@ def _flatten(data: list[Any]) -> list[Any]:
     return flat
 
 
-def _flatten_in_steps(spec: InputSpec) -> list[Any]:
-    """``_flatten`` a few rows at a time; each step must come out as regular rows of the
-    declared shape, else the whole is flattened at once for the precise message."""
-    rows: list[Any] = spec.data
-    row_size = math.prod(spec.shape[1:]) if len(spec.shape) > 1 else 1
-    step = max(1, CHUNK // max(1, row_size))
-    if len(rows) <= step:
-        return _flatten(rows)
-    flat: list[Any] = []
-    for start in range(0, len(rows), step):
-        part = np.array(rows[start : start + step], dtype=np.object_)
-        if part.shape[1:] != spec.shape[1:]:
-            return _flatten(rows)
-        flat.extend(part.ravel().tolist())
-    return flat
-
-
 def _check_element_types(spec: InputSpec, flat: list[Any]) -> None:
     allowed, wanted = _JSON_ELEMENTS[DATATYPE_TO_NUMPY[spec.datatype].kind]
-    if all(set(map(type, flat[i : i + CHUNK])) <= allowed for i in range(0, len(flat), CHUNK)):
+    if set(map(type, flat)) <= allowed:
         return
     # Slow path, errors only: find the first offending element to name it.
     index, value = next((i, v) for i, v in enumerate(flat) if type(v) not in allowed)
@@ -97,21 +74,12 @@ def _convert(spec: InputSpec, flat: list[Any]) -> np.ndarray:
         return _convert_integers(spec, flat, dtype)
     if dtype.kind == "f":
         return _convert_floats(spec, flat, dtype)
-    return _array_in_steps(flat, dtype)
-
-
-def _array_in_steps(flat: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
-    if len(flat) <= CHUNK:
-        return np.array(flat, dtype=dtype)
-    array = np.empty(len(flat), dtype=dtype)
-    for start in range(0, len(flat), CHUNK):
-        array[start : start + CHUNK] = np.array(flat[start : start + CHUNK], dtype=dtype)
-    return array
+    return np.array(flat, dtype=dtype)
 
 
 def _convert_integers(spec: InputSpec, flat: list[Any], dtype: np.dtype[Any]) -> np.ndarray:
     try:
-        return _array_in_steps(flat, dtype)
+        return np.array(flat, dtype=dtype)
     except OverflowError:
         info = np.iinfo(dtype)
         index, value = next((i, v) for i, v in enumerate(flat) if not info.min <= v <= info.max)
@@ -125,7 +93,7 @@ def _convert_floats(spec: InputSpec, flat: list[Any], dtype: np.dtype[Any]) -> n
     try:
         # Overflow to inf is reported below with the element named, not as a numpy warning.
         with np.errstate(over="ignore", invalid="ignore"):
-            array = _array_in_steps(flat, dtype)
+            array = np.array(flat, dtype=dtype)
     except OverflowError:  # a Python int too large even for float64
         index = next(i for i, v in enumerate(flat) if not _fits_float64(v))
         raise spec.fail(_float_problem(spec, flat[index], index)) from None

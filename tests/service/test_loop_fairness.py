@@ -16,7 +16,6 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-import pytest
 from servers import running_server
 from starlette.testclient import TestClient
 from tiny_onnx import FEATURES, tiny_repository
@@ -114,23 +113,3 @@ def test_large_bodies_do_not_stall_other_clients(tmp_path: Path) -> None:
     assert worst < STALL_BOUND_MS, (
         f"health check delayed {worst:.0f} ms (p50 {np.median(latencies):.1f})"
     )
-
-
-@pytest.mark.parametrize("datatype", ["FP32", "INT32", "BOOL"])
-def test_large_tensors_decode_in_steps_to_the_same_values(datatype: str) -> None:
-    """The stepwise conversion gives exactly what one conversion would."""
-    from service.protocol.v2_json import CHUNK, decode_json_data
-    from service.protocol.v2_types import InputSpec
-
-    rng = np.random.default_rng(1)
-    count = 3 * CHUNK + 17
-    values = {
-        "FP32": rng.random(count).astype(np.float32),
-        "INT32": rng.integers(-1000, 1000, count).astype(np.int32),
-        "BOOL": rng.random(count) > 0.5,
-    }[datatype]
-    shape = (count // 7 + 1, 7)
-    padded = np.resize(values, shape[0] * shape[1])
-    for data in (padded.tolist(), padded.reshape(shape).tolist()):
-        spec = InputSpec("x", datatype, shape, None, data)
-        np.testing.assert_array_equal(decode_json_data(spec), padded.reshape(shape))
