@@ -15,9 +15,13 @@ body is read, so that a flood of large bodies cannot pile up in memory.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -59,7 +63,9 @@ class BodyDecoder:
             if self._pool is None:
                 # spawn: a fork of a process with onnxruntime's threads is not safe.
                 context = multiprocessing.get_context("spawn")
-                self._pool = ProcessPoolExecutor(1, mp_context=context)
+                self._pool = ProcessPoolExecutor(
+                    1, mp_context=context, initializer=_die_with, initargs=(os.getpid(),)
+                )
             try:
                 return await loop.run_in_executor(self._pool, call)
             except BrokenProcessPool:
@@ -74,3 +80,16 @@ class BodyDecoder:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
+
+
+def _die_with(server_pid: int) -> None:
+    """In the child: end with the server even when it is killed (SIGKILL, OOM) and cannot
+    shut the pool down; otherwise the child and its resource tracker would outlive it."""
+    if sys.platform == "linux":
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != server_pid:  # the server died before prctl took effect
+            os._exit(0)
+
+
+_PR_SET_PDEATHSIG = 1

@@ -8,6 +8,9 @@ everyone else's health checks keep being answered.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +19,8 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-from servers import running_server
+import pytest
+from servers import ROOT, RunningServer, free_port, running_server, wait_until_ready
 from starlette.testclient import TestClient
 from tiny_onnx import FEATURES, tiny_repository
 
@@ -113,3 +117,54 @@ def test_large_bodies_do_not_stall_other_clients(tmp_path: Path) -> None:
     assert worst < STALL_BOUND_MS, (
         f"health check delayed {worst:.0f} ms (p50 {np.median(latencies):.1f})"
     )
+
+
+def _children(pid: int) -> set[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    found: set[int] = set()
+    for task in tasks.iterdir() if tasks.exists() else []:
+        found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def _serve(repository: Path, log: Path) -> RunningServer:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service", "--repository", str(repository), "--port", str(port)],
+        cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    server = RunningServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", log, proc)
+    wait_until_ready(server)
+    return server
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGKILL"])
+def test_the_decoding_process_ends_with_the_server(tmp_path: Path, signal_name: str) -> None:
+    """Started by the first large body; gone when the server stops, even by SIGKILL (the
+    OOM killer's way), so that no decoder outlives its server."""
+    server = _serve(tiny_repository(tmp_path), tmp_path / "server.log")
+    try:
+        before = _children(server.proc.pid)
+        response = httpx.post(f"{server.http_url}/v2/models/tiny/infer", content=_big_bodies()[0])
+        assert response.status_code == 400
+        spawned = _children(server.proc.pid) - before
+        assert spawned, "no decoding process was started for a large body"
+        server.proc.send_signal(getattr(signal, signal_name))
+        server.proc.wait(30)
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in spawned) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in spawned), f"the decoder outlived {signal_name}"
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait(10)
