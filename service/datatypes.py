@@ -34,4 +34,5 @@ MAX_ITEMSIZE = max(dtype.itemsize for dtype in DATATYPE_TO_NUMPY.values())
 
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype of ``array``, or numpy's name for a dtype the protocol lacks."""
-    return NUMPY_TO_DATATYPE.get(array.dtype.newbyteorder("="), str(array.dtype))
+    datatype = NUMPY_TO_DATATYPE.get(array.dtype.newbyteorder("="))
+    return datatype if datatype is not None else str(array.dtype)

@@ -54,10 +54,9 @@ class Request:
     def content_length(self) -> int | None:
         return header_int("Content-Length", self.header(b"content-length"))
 
-    async def body(self, limit: int) -> bytes:
-        """The body, refused with 413 past ``limit`` bytes (the declared Content-Length
-        first, then counted while streaming)."""
-        declared = self.content_length()
+    async def body(self, limit: int, declared: int | None) -> bytes:
+        """The body, refused with 413 past ``limit`` bytes (``declared``, the request's
+        Content-Length, first, then counted while streaming)."""
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
         chunks: list[bytes] = []

@@ -9,7 +9,6 @@ metrics. No framework stack in between: see service.front.asgi for why.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -71,8 +70,10 @@ class HttpFront:
             log_access(request_id, method, path, status, seconds, client)
 
     async def _send(self, send: Send, response: Response, request_id: bytes, method: str) -> None:
-        with contextlib.suppress(OSError):  # the connection is gone: nothing more to do
+        try:
             await send_response(send, response, request_id, head=method == "HEAD")
+        except OSError:  # the connection is gone: nothing more to do for it
+            return
 
     def _observe(self, model: str, protocol: str, status: int, seconds: float) -> None:
         # Only names the repository has become label values: a client must not be able to

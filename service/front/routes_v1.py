@@ -29,8 +29,9 @@ async def model_status(ctx: Context, request: Request) -> Response:
 async def predict(ctx: Context, request: Request) -> Response:
     served = ctx.protocol.admit(request.params["model_name"], None)
     settings = ctx.settings
-    ctx.decoder.admit(request.content_length())
-    body = await request.body(settings.max_request_bytes)
+    declared = request.content_length()
+    ctx.decoder.admit(declared)
+    body = await request.body(settings.max_request_bytes, declared)
     inputs = await ctx.decoder(
         len(body), decode_v1_body, body, settings.max_json_depth, served.config
     )

@@ -57,8 +57,9 @@ async def infer(ctx: Context, request: Request) -> Response:
     served = ctx.protocol.admit(request.params["model_name"], request.params.get("version"))
     settings = ctx.settings
     json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
-    ctx.decoder.admit(request.content_length())
-    body = await request.body(settings.max_request_bytes)
+    declared = request.content_length()
+    ctx.decoder.admit(declared)
+    body = await request.body(settings.max_request_bytes, declared)
     check = served.model.signature.check_declared
     decoded = await ctx.decoder(
         len(body), decode_infer_request, body, json_length, settings.limits, check
