@@ -103,11 +103,7 @@ def _input_specs(value: Any) -> list[InputSpec]:
     if not value:
         raise InvalidInput("'inputs' is empty: the request needs at least one input")
     specs = [_input_spec(entry, index) for index, entry in enumerate(value)]
-    seen: set[str] = set()
-    for spec in specs:
-        if spec.name in seen:
-            raise InvalidInput(f"input {spec.name!r} appears more than once in 'inputs'")
-        seen.add(spec.name)
+    _once_each([spec.name for spec in specs], "input {!r} appears more than once in 'inputs'")
     return specs
 
 
@@ -155,12 +151,16 @@ def requested_outputs(value: Any) -> list[RequestedOutput] | None:
     if not isinstance(value, list):
         raise InvalidInput(f"'outputs' must be a list, got {json_kind(value)}")
     requested = [_requested_output(entry, index) for index, entry in enumerate(value)]
-    seen: set[str] = set()
-    for output in requested:
-        if output.name in seen:
-            raise InvalidInput(f"output {output.name!r} is requested more than once")
-        seen.add(output.name)
+    _once_each([output.name for output in requested], "output {!r} is requested more than once")
     return requested
+
+
+def _once_each(names: list[str], problem: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise InvalidInput(problem.format(name))
+        seen.add(name)
 
 
 def _requested_output(entry: Any, index: int) -> RequestedOutput:

@@ -139,6 +139,23 @@ def test_labels_are_bounded_in_length(repository: Path) -> None:
     assert len(reason) < 1000
 
 
+def _install(
+    root: Path,
+    source: Path,
+    name: str,
+    one_input: tuple[str, str, list[int]],
+    one_output: tuple[str, str, list[int]],
+) -> None:
+    """``source`` as model ``name`` in the repository under ``root``, one input, one output."""
+
+    def spec(entry: tuple[str, str, list[int]]) -> dict[str, object]:
+        return dict(zip(("name", "datatype", "shape"), entry, strict=True))
+
+    install_source(
+        root, source, {"name": name, "inputs": [spec(one_input)], "outputs": [spec(one_output)]}
+    )
+
+
 def _write_string_model(path: Path) -> Path:
     """BYTES in, its length out: onnxruntime can run it (once the warm-up feeds strings)."""
     graph = helper.make_graph(
@@ -157,15 +174,7 @@ def test_a_bytes_input_model_warms_up_and_serves_beside_the_others(
     repository: Path, tmp_path: Path
 ) -> None:
     source = _write_string_model(tmp_path / "strings.onnx")
-    install_source(
-        tmp_path,
-        source,
-        {
-            "name": "strings",
-            "inputs": [{"name": "text", "datatype": "BYTES", "shape": [-1, 2]}],
-            "outputs": [{"name": "length", "datatype": "FP32", "shape": [-1]}],
-        },
-    )
+    _install(tmp_path, source, "strings", ("text", "BYTES", [-1, 2]), ("length", "FP32", [-1]))
     assert _index(repository)["strings"]["state"] == "READY"
 
 
@@ -192,15 +201,7 @@ def test_a_model_whose_warm_up_fails_is_unavailable_and_the_server_serves(
     repository: Path, tmp_path: Path
 ) -> None:
     source = _write_failing_warmup_model(tmp_path / "reshape.onnx")
-    install_source(
-        tmp_path,
-        source,
-        {
-            "name": "reshape",
-            "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
-            "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, 3]}],
-        },
-    )
+    _install(tmp_path, source, "reshape", ("x", "FP32", [-1, 2]), ("y", "FP32", [-1, 3]))
     entry = _index(repository)["reshape"]
     assert entry["state"] == "UNAVAILABLE" and "warm-up" in entry["reason"]
     assert "Reshape" not in entry["reason"]  # onnxruntime's text stays in the log
