@@ -43,8 +43,11 @@ class ModelStats:
     fail_ns: int = 0
     queue_ns: int = 0
     compute_ns: int = 0
+    compute_input_ns: int = 0
+    compute_output_ns: int = 0
     last_inference_ms: int = 0
-    batch_sizes: dict[int, list[int]] = field(default_factory=dict)  # rows -> [count, ns]
+    # rows -> [count, infer ns, input ns, output ns]
+    batch_sizes: dict[int, list[int]] = field(default_factory=dict)
 
 
 # One request's collectors, already labelled: requests, latency, outcome count and seconds.
@@ -129,6 +132,20 @@ class Metrics:
             ["model", "batch_size"],
             registry=self.registry,
         )
+        # Triton's compute_input and compute_output (perf_analyzer requires their counts to
+        # equal compute_infer's): merging the requests' rows, handing each its rows back.
+        self.execution_input_seconds = Counter(
+            "normserve_execution_input_seconds",
+            "Time merging requests into the batches that ran without error, by rows.",
+            ["model", "batch_size"],
+            registry=self.registry,
+        )
+        self.execution_output_seconds = Counter(
+            "normserve_execution_output_seconds",
+            "Time handing each request its rows of the batches that ran without error, by rows.",
+            ["model", "batch_size"],
+            registry=self.registry,
+        )
         self.last_inference = Gauge(
             "normserve_last_inference_timestamp_seconds",
             "When the model last finished a batch (Unix time).",
@@ -139,7 +156,9 @@ class Metrics:
         # Labelled children, looked up once per label combination (see _children).
         self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
         self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
-        self._execution_children: dict[tuple[str, int], tuple[Counter, Counter]] = {}
+        self._execution_children: dict[
+            tuple[str, int], tuple[Counter, Counter, Counter, Counter]
+        ] = {}
 
     @staticmethod
     def multiprocess() -> bool:
@@ -179,9 +198,14 @@ class Metrics:
                 executions = self._execution_children[(model, rows)] = (
                     self.executions.labels(model, str(rows)),
                     self.execution_seconds.labels(model, str(rows)),
+                    self.execution_input_seconds.labels(model, str(rows)),
+                    self.execution_output_seconds.labels(model, str(rows)),
                 )
-            executions[0].inc()
-            executions[1].inc(record.compute_seconds)
+            count, infer, merge, split = executions
+            count.inc()
+            infer.inc(record.compute_seconds)
+            merge.inc(record.input_seconds)
+            split.inc(record.output_seconds)
             last_inference.set(time.time())
 
     def on_request(
@@ -255,8 +279,18 @@ def _add_sample(stats: ModelStats, name: str, sample: Sample) -> None:
         rows, count = int(labels["batch_size"]), int(value)
         stats.execution_count += count
         stats.inference_count += rows * count
-        stats.batch_sizes.setdefault(rows, [0, 0])[0] += count
+        _batch(stats, labels)[0] += count
     elif name == "normserve_execution_seconds_total":
-        stats.batch_sizes.setdefault(int(labels["batch_size"]), [0, 0])[1] += _ns(value)
+        _batch(stats, labels)[1] += _ns(value)
+    elif name == "normserve_execution_input_seconds_total":
+        _batch(stats, labels)[2] += _ns(value)
+        stats.compute_input_ns += _ns(value)
+    elif name == "normserve_execution_output_seconds_total":
+        _batch(stats, labels)[3] += _ns(value)
+        stats.compute_output_ns += _ns(value)
     elif name == "normserve_last_inference_timestamp_seconds" and value > 0:
         stats.last_inference_ms = max(stats.last_inference_ms, int(value * 1000))
+
+
+def _batch(stats: ModelStats, labels: dict[str, str]) -> list[int]:
+    return stats.batch_sizes.setdefault(int(labels["batch_size"]), [0, 0, 0, 0])

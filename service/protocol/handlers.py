@@ -160,19 +160,20 @@ def _stats(served: Served, s: ModelStats) -> dict[str, Any]:
             "success": pair(s.success_count, s.success_ns),
             "fail": pair(s.fail_count, s.fail_ns),
             "queue": pair(s.success_count + s.fail_count, s.queue_ns),
-            "compute_input": zero,
+            # One of each per batch, so the three counts are equal (perf_analyzer checks).
+            "compute_input": pair(s.execution_count, s.compute_input_ns),
             "compute_infer": pair(s.execution_count, s.compute_ns),
-            "compute_output": zero,
+            "compute_output": pair(s.execution_count, s.compute_output_ns),
             "cache_hit": zero,
             "cache_miss": zero,
         },
         "batch_stats": [
             {
                 "batch_size": size,
-                "compute_input": zero,
-                "compute_infer": pair(count, ns),
-                "compute_output": zero,
+                "compute_input": pair(count, merge_ns),
+                "compute_infer": pair(count, infer_ns),
+                "compute_output": pair(count, split_ns),
             }
-            for size, (count, ns) in sorted(s.batch_sizes.items())
+            for size, (count, infer_ns, merge_ns, split_ns) in sorted(s.batch_sizes.items())
         ],
     }

@@ -54,6 +54,10 @@ class BatchRecord:
     queue_seconds: list[float]
     compute_seconds: float
     failed: bool = False
+    # Triton's compute_input / compute_output: merging the requests' rows into the batch,
+    # and handing each request its rows back.
+    input_seconds: float = 0.0
+    output_seconds: float = 0.0
 
 
 @dataclass
@@ -195,13 +199,15 @@ class Batcher:
     async def _run(self, batch: list[_Pending]) -> None:
         rows = sum(item.rows for item in batch)
         names = list(batch[0].inputs)
+        merging = time.perf_counter()
         merged = (
             batch[0].inputs
             if len(batch) == 1
             else {n: np.concatenate([item.inputs[n] for item in batch]) for n in names}
         )
         started = time.perf_counter()
-        queue_seconds = [started - item.enqueued for item in batch]
+        input_seconds = started - merging
+        queue_seconds = [merging - item.enqueued for item in batch]
         lone = len(batch) == 1
         try:
             if lone and self._inline_ok():
@@ -232,6 +238,7 @@ class Batcher:
             self.lone_compute_s = (
                 compute if previous is None else previous + _EWMA_WEIGHT * (compute - previous)
             )
+        splitting = time.perf_counter()
         offset = 0
         for item in batch:
             if not item.future.done():
@@ -239,7 +246,14 @@ class Batcher:
                     {name: out[offset : offset + item.rows] for name, out in outputs.items()}
                 )
             offset += item.rows
-        self._record(batch, rows, queue_seconds, compute)
+        self._record(
+            batch,
+            rows,
+            queue_seconds,
+            compute,
+            input_seconds=input_seconds,
+            output_seconds=time.perf_counter() - splitting,
+        )
 
     def _timed_run(self, inputs: Tensors) -> tuple[Tensors, float]:
         """The outputs and the compute time alone, measured on the thread that ran them (a
@@ -264,8 +278,19 @@ class Batcher:
         queue_seconds: list[float],
         compute: float,
         failed: bool = False,
+        input_seconds: float = 0.0,
+        output_seconds: float = 0.0,
     ) -> None:
         if self._on_batch is not None:
             self._on_batch(
-                BatchRecord(self.model.name, rows, len(batch), queue_seconds, compute, failed)
+                BatchRecord(
+                    self.model.name,
+                    rows,
+                    len(batch),
+                    queue_seconds,
+                    compute,
+                    failed,
+                    input_seconds,
+                    output_seconds,
+                )
             )

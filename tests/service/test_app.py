@@ -276,3 +276,25 @@ def test_inference_routes_keep_their_contract(repository: Path) -> None:
     assert 'normserve_requests_total{model="tiny",protocol="v2",status="200"} 1.0' in text
     assert 'normserve_requests_total{model="tiny",protocol="v2",status="404"} 1.0' in text
     assert 'normserve_requests_total{model="tiny",protocol="v1",status="200"} 1.0' in text
+
+
+def test_statistics_count_each_batch_once_in_every_compute_phase(repository: Path) -> None:
+    """Triton's perf_analyzer aborts unless compute_input, compute_infer and compute_output
+    have equal counts ("Server side statistics compute counts must be the same")."""
+    x = np.ones((2, FEATURES), np.float32)
+    with _client(repository) as client:
+        for _ in range(3):
+            assert client.post("/v2/models/tiny/infer", content=_v2(x)).status_code == 200
+        (entry,) = client.get("/v2/models/tiny/stats").json()["model_stats"]
+    phases = entry["inference_stats"]
+    counts = {phases[p]["count"] for p in ("compute_input", "compute_infer", "compute_output")}
+    assert counts == {entry["execution_count"]} and entry["execution_count"] >= 1
+    assert phases["compute_infer"]["ns"] > 0 and phases["compute_output"]["ns"] > 0
+    for batch in entry["batch_stats"]:
+        phase_counts = {
+            batch[p]["count"] for p in ("compute_input", "compute_infer", "compute_output")
+        }
+        assert len(phase_counts) == 1 and phase_counts.pop() >= 1
+    assert (
+        sum(b["compute_infer"]["count"] for b in entry["batch_stats"]) == entry["execution_count"]
+    )
