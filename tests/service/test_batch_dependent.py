@@ -84,7 +84,7 @@ def test_store_honours_the_config_flag(tmp_path: Path, batch_dependent: bool) ->
     async def scenario() -> list[np.ndarray]:
         store.start()
         try:
-            answers = await asyncio.gather(*(store.infer(served, {"x": x}, None) for x in inputs))
+            answers = await asyncio.gather(*(store.submit(served, {"x": x}, None) for x in inputs))
         finally:
             await store.stop()
         return [a["centered"] for a in answers]
