@@ -58,12 +58,12 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from uvicorn.config import Config
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.front.errors import error_body
 from service.settings import OPEN_FILES_RESERVE, Settings
 
 log = logging.getLogger("normserve.front")
@@ -365,7 +365,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.guard.forget(self)
             self.transport.close()
             return
-        body = orjson.dumps({"error": error})
+        body = error_body(error)
         head = [STATUS_LINE[status]]
         for name, value in self.server_state.default_headers:
             head += [name, b": ", value, b"\r\n"]
