@@ -96,7 +96,8 @@ class ModelVersion(_Strict):
     bn_folded: int = 0
     bn_kept: int = 0
     layernorm_nodes: int = 0
-    # max|onnxruntime - torch| over the parity inputs, and the bound it was held to.
+    # max|onnxruntime - float64 copy of the model| over the parity inputs (vs PyTorch float32
+    # where no float64 copy could run), and the bound it was held to (export/parity.py).
     parity_max_abs_error: float
     parity_bound: float
     # Quality measured at export, e.g. {"test_accuracy": 0.99} on the held-out split.
