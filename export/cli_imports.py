@@ -65,12 +65,10 @@ def claim_our_packages(names: tuple[str, ...] = CLAIMED) -> None:
         )
         if spec is None or spec.loader is None:
             raise ImportError(f"our package '{name}' is missing from {ROOT}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
         try:
-            spec.loader.exec_module(module)
+            _execute(name, spec)
         except BaseException:
-            _drop(name)
+            _drop(name)  # and whatever of its submodules got imported
             raise
 
 
@@ -143,8 +141,14 @@ def _load_file(path: Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path.resolve())
     if spec is None or spec.loader is None:
         raise UserModelError(f"--model: {path} cannot be imported")
+    return _execute(name, spec)
+
+
+def _execute(name: str, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+    """Import ``spec`` as ``name``, registered in ``sys.modules`` as an import would (so
+    dataclasses and pickle find its classes); nothing is left registered if it fails."""
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    # Registered like an imported module: dataclasses and pickle look classes up by module.
     sys.modules[name] = module
     try:
         spec.loader.exec_module(module)

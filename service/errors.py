@@ -21,10 +21,6 @@ class InvalidInput(NormserveError):
     """The request is malformed or does not fit the model's signature (HTTP 400)."""
 
 
-class RequestTimeout(NormserveError):
-    """The client took too long to send its request (HTTP 408)."""
-
-
 class ModelNotFound(NormserveError):
     """No such model or version in the repository (HTTP 404)."""
 

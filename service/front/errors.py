@@ -18,7 +18,6 @@ from service.errors import (
     NormserveError,
     Overloaded,
     PayloadTooLarge,
-    RequestTimeout,
     ResourceNotFound,
 )
 from service.front.asgi import JSON, Response
@@ -28,7 +27,6 @@ STATUS: list[tuple[type[NormserveError], int]] = [
     (InvalidInput, 400),
     (ModelNotFound, 404),
     (ResourceNotFound, 404),
-    (RequestTimeout, 408),
     (PayloadTooLarge, 413),
     (Overloaded, 503),
     (ModelNotReady, 503),
@@ -57,7 +55,7 @@ def domain_error_response(exc: NormserveError) -> Response:
     headers = []
     if isinstance(exc, Overloaded):
         headers.append((b"retry-after", str(max(1, round(exc.retry_after_s))).encode()))
-    if isinstance(exc, RequestTimeout | PayloadTooLarge):
+    if isinstance(exc, PayloadTooLarge):
         # The rest of the body is not read: the connection cannot carry another request.
         headers.append((b"connection", b"close"))
     return error_response(status_for(exc), str(exc), headers)

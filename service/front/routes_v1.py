@@ -11,19 +11,7 @@ from service.protocol.v1 import decode_v1_body, encode_v1
 
 
 async def model_status(ctx: Context, request: Request) -> Response:
-    served = ctx.protocol.store.get(request.params["model_name"])
-    config = served.config
-    return json_response(
-        {
-            "name": config.name,
-            "ready": True,
-            "version": served.version,
-            "description": config.description,
-            "inputs": [s.model_dump() for s in config.inputs],
-            "outputs": [s.model_dump() for s in config.outputs],
-            "labels": config.labels,
-        }
-    )
+    return json_response(ctx.protocol.v1_model_status(request.params["model_name"]))
 
 
 async def predict(ctx: Context, request: Request) -> Response:

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidInput
 from service.operations.metrics import Metrics, ModelStats
+from service.protocol.v2_response import check_requested
 from service.protocol.v2_types import RequestedOutput
 from service.repository import TensorSpec
 from service.serving.store import ModelStore, Served
@@ -68,6 +68,20 @@ class Protocol:
                 **({"labels": config.labels} if config.labels is not None else {}),
                 **({"derived_from": config.derived_from} if config.derived_from else {}),
             },
+        }
+
+    def v1_model_status(self, name: str) -> dict[str, Any]:
+        """V1's ``GET /v1/models/{m}``: readiness, signature and labels of the served version."""
+        served = self.store.get(name)
+        config = served.config
+        return {
+            "name": config.name,
+            "ready": True,
+            "version": served.version,
+            "description": config.description,
+            "inputs": [s.model_dump() for s in config.inputs],
+            "outputs": [s.model_dump() for s in config.outputs],
+            "labels": config.labels,
         }
 
     def model_config(self, name: str, version: str | None) -> dict[str, Any]:
@@ -130,13 +144,7 @@ class Protocol:
         """Validates ``inputs`` and the requested outputs against the model, then queues the
         request; the future resolves with all of the model's outputs."""
         if requested is not None:
-            known = [s.name for s in served.config.outputs]
-            for output in requested:
-                if output.name not in known:
-                    raise InvalidInput(
-                        f"requested output {output.name[:64]!r} does not exist; "
-                        f"the model's outputs are: {', '.join(map(repr, known))}"
-                    )
+            check_requested(requested, [s.name for s in served.config.outputs])
         return self.store.submit(served, inputs, timeout_ms)
 
 

@@ -87,7 +87,7 @@ def check_shape(name: str, value: Any, *, present: bool = True) -> tuple[int, ..
     return tuple(value)
 
 
-def check_declared(document: dict[str, Any], limits: Limits, text: bytes) -> None:
+def check_document(document: dict[str, Any], limits: Limits, text: bytes) -> None:
     """Tensor count, nesting depth and each input's declared element count."""
     tensors = sum(
         len(v) for v in (document.get("inputs"), document.get("outputs")) if isinstance(v, list)

@@ -19,7 +19,7 @@ import numpy as np
 
 from service.datatypes import DATATYPE_TO_NUMPY
 from service.errors import InvalidInput
-from service.protocol.request_limits import Limits, check_declared, check_shape, decode_json_body
+from service.protocol.request_limits import Limits, check_document, check_shape, decode_json_body
 from service.protocol.text import json_kind
 from service.protocol.v2_binary import binary_chunks, decode_binary, split_body
 from service.protocol.v2_json import decode_json_data
@@ -41,7 +41,7 @@ def decode_infer_request(
     document = decode_json_body(header)
     if not isinstance(document, dict):
         raise InvalidInput("inference request must be a JSON object")
-    check_declared(document, limits, body if json_length is None else bytes(header))
+    check_document(document, limits, body if json_length is None else bytes(header))
     parameters = parameters_of(document.get("parameters"), "request")
     specs = _input_specs(document.get("inputs"))
     if check is not None:

@@ -60,16 +60,21 @@ def select_outputs(
     if requested is None:
         return [(name, array, binary_output) for name, array in outputs.items()]
     selected = []
-    for output in requested:
-        if output.name not in outputs:
-            available = ", ".join(repr(name) for name in outputs)
-            raise InvalidInput(
-                f"requested output {output.name!r} does not exist; "
-                f"the model's outputs are: {available}"
-            )
+    for output in requested:  # checked against the model before inference (check_requested)
         binary = binary_output if output.binary is None else output.binary
         selected.append((output.name, outputs[output.name], binary))
     return selected
+
+
+def check_requested(requested: list[RequestedOutput] | None, available: list[str]) -> None:
+    """InvalidInput for a requested output the model does not have; called before the
+    request is queued, so such a request costs no inference."""
+    for output in requested or []:
+        if output.name not in available:
+            raise InvalidInput(
+                f"requested output {output.name[:64]!r} does not exist; "
+                f"the model's outputs are: {', '.join(map(repr, available))}"
+            )
 
 
 def output_datatype(name: str, array: np.ndarray) -> str:

@@ -21,7 +21,7 @@ from service.protocol import v2_request
 from service.protocol.request_limits import Limits, decode_json_body
 from service.protocol.v2_binary import HEADER_LENGTH
 from service.protocol.v2_request import decode_infer_request
-from service.protocol.v2_response import encode_infer_response
+from service.protocol.v2_response import check_requested, encode_infer_response
 from service.protocol.v2_types import RequestedOutput
 
 HAS_TRITONCLIENT = importlib.util.find_spec("tritonclient") is not None
@@ -598,9 +598,8 @@ def test_zero_byte_binary_output_still_uses_the_binary_layout() -> None:
 
 
 def test_unknown_requested_output_names_it_and_the_outputs() -> None:
-    outputs = {"logits": np.zeros(1), "probs": np.zeros(1)}
     with pytest.raises(InvalidInput) as caught:
-        encode_infer_response("m", None, None, outputs, [RequestedOutput("nope", None)], False)
+        check_requested([RequestedOutput("nope", None)], ["logits", "probs"])
     assert str(caught.value) == (
         "requested output 'nope' does not exist; the model's outputs are: 'logits', 'probs'"
     )
