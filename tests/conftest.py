@@ -22,6 +22,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = Path(__file__).resolve().parent.parent
+# A folder of trained checkpoints for built_repository to start from (see there).
+CACHED_CHECKPOINTS = "NORMSERVE_TEST_CHECKPOINTS"
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator) -> torch.Tensor:
@@ -84,6 +86,11 @@ def built_repository(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     """
     work = tmp_path_factory.mktemp("build")
     repository, checkpoints = work / "model_repository", work / "checkpoints"
+    cached = os.environ.get(CACHED_CHECKPOINTS)
+    if cached:
+        # Developers' shortcut (never set in CI): reuse trained checkpoints, so only the
+        # export runs; the test that checks training progress skips itself then.
+        shutil.copytree(cached, checkpoints)
     result = subprocess.run(
         [sys.executable, "-m", "export", "build", "--repository", str(repository),
          "--checkpoints", str(checkpoints)],

@@ -54,6 +54,8 @@ def test_repository_has_the_three_defaults_verified(built_repository: tuple) -> 
         assert config.latest.parity_max_abs_error <= config.latest.parity_bound
         assert config.latest.opset >= 17
     # Progress was shown while training.
+    if os.environ.get("NORMSERVE_TEST_CHECKPOINTS"):  # tests/conftest.py: built_repository
+        pytest.skip("NORMSERVE_TEST_CHECKPOINTS is set: the models were not trained in this run")
     assert log.count("epoch") >= sum(s.recipe.epochs for s in REGISTRY.values())
 
 
