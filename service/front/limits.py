@@ -64,6 +64,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service.front.errors import error_body
+from service.front.writes import OneSend
 from service.settings import OPEN_FILES_RESERVE, Settings
 
 log = logging.getLogger("normserve.front")
@@ -300,6 +301,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is before or self.answered:
             return
+        cycle.transport = OneSend(self.transport, cycle)  # type: ignore[assignment]
         if self.stopping:
             cycle.keep_alive = False
         if cycle.more_body:

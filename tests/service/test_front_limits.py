@@ -230,6 +230,33 @@ def test_a_request_the_parser_rejects_is_answered_400_in_json(server: RunningSer
         assert_refusal(read_all(sock), 400, "Invalid HTTP request")
 
 
+def test_head_get_and_100_continue_answers_are_whole_on_one_kept_alive_connection(
+    server: RunningServer,
+) -> None:
+    """Each answer's head and body leave in one write (service.front.writes): HEAD, which
+    has no body to wait for, a GET, and an upload that asked for 100 Continue."""
+    with connect(server) as sock:
+        sock.sendall(b"HEAD /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = sock.recv(65536)
+            assert chunk, head
+            head += chunk
+        status, headers, rest = parse(head)
+        assert status == 200 and int(headers["content-length"]) > 0 and rest == b""
+        sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n")
+        status, _, body = parse(read_response(sock))
+        assert status == 200 and orjson.loads(body) == {"ready": True}
+        sock.sendall(
+            f"POST {INFER} HTTP/1.1\r\nhost: t\r\nexpect: 100-continue\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(BODY)}\r\n\r\n".encode()
+        )
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(BODY)
+        status, _, body = parse(read_response(sock))
+        assert status == 200 and orjson.loads(body)["outputs"][0]["shape"] == [1, 3], body
+
+
 # ------------------------------------------------------------------------------ timeouts
 
 
