@@ -242,3 +242,83 @@ def test_a_slow_model_never_runs_on_the_loop(tmp_path: Path) -> None:
 
     loop_thread = asyncio.run(scenario())
     assert len(model.threads) == 4 and loop_thread not in model.threads
+
+
+class WorkerGatedModel(OnnxModel):
+    """The real tiny model; runs on the batcher's worker thread wait for a gate, runs on any
+    other thread (the event loop's) do not. Records (thread name, rows) per run."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)  # type: ignore[arg-type]
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.runs: list[tuple[str, int]] = []
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        name = threading.current_thread().name
+        if name.startswith("batcher:"):
+            self.started.set()
+            self.gate.wait(timeout=30)
+        self.runs.append((name, next(iter(inputs.values())).shape[0]))
+        return super().run(inputs)
+
+
+def test_batches_run_while_the_event_loop_is_busy(tmp_path: Path) -> None:
+    """The worker takes the next batch as soon as one ends, without waiting for the event
+    loop: under overload a loop iteration is as long as every connection's work."""
+    model = _model(tmp_path, WorkerGatedModel)
+    assert isinstance(model, WorkerGatedModel)
+
+    async def scenario() -> list[dict[str, np.ndarray]]:
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=64)
+        batcher.start()
+        first = batcher.enqueue({"x": _rows(1, 0)})
+        await asyncio.to_thread(model.started.wait, 10)  # batch 1 holds the worker
+        later = [batcher.enqueue({"x": _rows(1, i)}) for i in (1, 2, 3)]
+        model.gate.set()
+        # The loop is blocked from here on: no callback, no iteration.
+        deadline = time.monotonic() + 10
+        while len(model.runs) < 2 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        ran_while_blocked = list(model.runs)
+        results = await asyncio.gather(first, *later)
+        await batcher.stop()
+        assert ran_while_blocked == [("batcher:tiny", 1), ("batcher:tiny", 3)]
+        return results
+
+    results = asyncio.run(scenario())
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got["scores"], expected(_rows(1, i)), atol=ATOL, rtol=0)
+
+
+def test_a_full_queue_of_a_quick_model_is_run_on_the_loop_not_refused(tmp_path: Path) -> None:
+    model = _model(tmp_path, WorkerGatedModel)
+    assert isinstance(model, WorkerGatedModel)
+
+    async def scenario() -> tuple[list[dict[str, np.ndarray]], str]:
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=2)
+        batcher.start()
+        running = batcher.enqueue({"x": _rows(1, 0)})
+        await asyncio.to_thread(model.started.wait, 10)  # the worker is held
+        queued = [batcher.enqueue({"x": _rows(1, i)}) for i in (1, 2)]
+        # Not measured yet: a full queue is refused, as for any model.
+        with pytest.raises(Overloaded):
+            batcher.check_room()
+        batcher.row_compute_s = 0.0001  # as measured for this tiny model
+        extra = batcher.enqueue({"x": _rows(1, 3)})  # the loop runs the two queued first
+        loop_thread = threading.current_thread().name
+        assert model.runs == [(loop_thread, 2)] and batcher.depth == 1
+        # A slow model's full batch is never run on the loop: refused instead.
+        batcher.enqueue({"x": _rows(1, 4)})
+        batcher.row_compute_s = 0.05
+        with pytest.raises(Overloaded):
+            batcher.check_room()
+        model.gate.set()
+        results = await asyncio.gather(running, *queued, extra)
+        await batcher.stop()
+        return results, loop_thread
+
+    results, loop_thread = asyncio.run(scenario())
+    for i, got in enumerate(results):
+        np.testing.assert_allclose(got["scores"], expected(_rows(1, i)), atol=ATOL, rtol=0)
+    assert model.runs[0] == (loop_thread, 2)
