@@ -18,6 +18,7 @@ from service.front.asgi import Receive, Scope, Send
 from service.front.context import Context
 from service.front.decoding import BodyDecoder
 from service.front.dispatch import HttpFront
+from service.front.limits import EARLY_REFUSAL
 from service.front.openapi import document
 from service.front.routing import Router
 from service.front.table import route_table
@@ -55,13 +56,13 @@ class NormserveApp:
         if scope["type"] == "http":
             await self.http(scope, receive, send)
         elif scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await self._lifespan(scope, receive, send)
         # websocket: not served; the server closes it
 
     def openapi(self) -> dict[str, Any]:
         return self.context.openapi
 
-    async def _lifespan(self, receive: Receive, send: Send) -> None:
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         await receive()  # lifespan.startup
         try:
             await self._startup()
@@ -69,6 +70,9 @@ class NormserveApp:
             log.error("start-up failed: %s", exc, exc_info=not isinstance(exc, ValueError))
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        # For the connections of service.front.limits: refusals at headers-complete.
+        if "state" in scope:
+            scope["state"][EARLY_REFUSAL] = self.http.refuse_early
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         # uvicorn has finished the in-flight requests before this point; drain the queues.

@@ -28,13 +28,36 @@ class HttpFront:
         self.router = router
         self.access_log = access_log
 
+    def refuse_early(self, scope: Scope) -> tuple[Response, bytes] | None:
+        """The answer and request id for a request its route's admission check refuses
+        (unknown model, not ready, queue full), or None to serve it as usual.
+
+        Called by the connection (service.front.limits) as soon as the headers are complete:
+        no body is read and no task started for what is refused here, so that under overload
+        a refusal costs about what uvicorn itself spends on a request.
+        """
+        if scope["method"] != "POST":
+            return None
+        started = time.perf_counter()
+        path: str = scope["path"]
+        try:
+            route, params = self.router.match("POST", path)
+            if route.admit is None:
+                return None
+            route.admit(self.ctx, params)
+            return None
+        except NormserveError as exc:
+            if isinstance(exc, (NoRoute, MethodNotAllowed)):
+                return None  # answered by the dispatcher, with its headers
+            response = domain_error_response(exc)
+        except Exception:  # let the dispatcher meet it again, and log it, as for any request
+            return None
+        request_id = _request_id(scope)
+        self._done(scope, route, params, response.status, started, request_id)
+        return response, request_id
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value[:MAX_ID_BYTES]
-                break
-        request_id = request_id or new_request_id()
+        request_id = _request_id(scope)
         started = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]
@@ -59,15 +82,26 @@ class HttpFront:
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             response = internal_error_response()
-        status = response.status
         # Sent even for a client that went away (499): the server drops it then.
         await self._send(send, response, request_id, method)
+        self._done(scope, route, params, response.status, started, request_id)
+
+    def _done(
+        self,
+        scope: Scope,
+        route: Route | None,
+        params: dict[str, str],
+        status: int,
+        started: float,
+        request_id: bytes,
+    ) -> None:
+        """What every answered request leaves behind: its metrics and its access-log line."""
         seconds = time.perf_counter() - started
         if route is not None and route.inference is not None:
             self._observe(params["model_name"], route.inference, status, seconds)
         if self.access_log:
             client = (scope.get("client") or ("", 0))[0]
-            log_access(request_id, method, path, status, seconds, client)
+            log_access(request_id, scope["method"], scope["path"], status, seconds, client)
 
     async def _send(self, send: Send, response: Response, request_id: bytes, method: str) -> None:
         try:
@@ -82,3 +116,11 @@ class HttpFront:
         known = model in store.served or model in store.failed
         label = model if known else "unknown"
         self.ctx.metrics.on_request(label, protocol, status, seconds, known)
+
+
+def _request_id(scope: Scope) -> bytes:
+    """The client's ``X-Request-ID`` (bounded), or a new one."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            return value[:MAX_ID_BYTES] or new_request_id()
+    return new_request_id()

@@ -64,7 +64,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from service.front.errors import error_body
-from service.front.writes import OneSend
+from service.front.writes import OneSend, raw_answer
 from service.settings import OPEN_FILES_RESERVE, Settings
 
 log = logging.getLogger("normserve.front")
@@ -82,6 +82,9 @@ SHUTDOWN_GRACE_S = 1.0
 # At the cap, how many connections a new one may look through for one to evict: bounds the
 # cost of each connection attempt when every connection is busy.
 EVICTION_SCAN = 64
+
+# The lifespan-state key under which the app leaves its early refusal for the connections.
+EARLY_REFUSAL = "normserve.refuse_early"
 
 # Where the parser is in a connection's current request.
 IDLE, HEADERS, BODY = 0, 1, 2
@@ -367,18 +370,43 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.guard.forget(self)
             self.transport.close()
             return
-        body = error_body(error)
-        head = [STATUS_LINE[status]]
-        for name, value in self.server_state.default_headers:
-            head += [name, b": ", value, b"\r\n"]
-        head += [
-            b"content-type: application/json\r\ncontent-length: ",
-            str(len(body)).encode(),
-            b"\r\nconnection: close\r\n\r\n",
-            body,
-        ]
-        self.transport.write(b"".join(head))
+        self.transport.write(
+            raw_answer(
+                STATUS_LINE[status],
+                self.server_state.default_headers,
+                [(b"content-type", b"application/json")],
+                error_body(error),
+                close=True,
+            )
+        )
         self._linger()
+
+    def _start_asgi_task(self, cycle: httptools_impl.RequestResponseCycle, app: Any) -> None:
+        # The app's early refusal (service.front.dispatch.HttpFront.refuse_early), put in the
+        # lifespan state: a request it refuses gets its answer now, with no task, and its
+        # body, if any, is read and dropped by uvicorn (its cycle is complete).
+        refuse = self.app_state.get(EARLY_REFUSAL)
+        refused = refuse(cycle.scope) if refuse is not None else None
+        if refused is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        response, request_id = refused
+        headers = [*response.headers, (b"x-request-id", request_id)]
+        cycle.response_started = cycle.response_complete = True
+        self.transport.write(
+            raw_answer(
+                STATUS_LINE[response.status],
+                self.server_state.default_headers,
+                headers,
+                response.body,
+                close=not cycle.keep_alive,
+            )
+        )
+        if cycle.keep_alive:
+            cycle.on_response()  # the next request may come (or a pipelined one start)
+        else:
+            self.answered = True
+            self._linger()
 
     def _linger(self) -> None:
         # First in line for eviction: nothing is expected from this connection any more.

@@ -8,14 +8,19 @@ from service.front.asgi import JSON, Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
 from service.protocol.v1 import decode_v1_body, encode_v1
+from service.serving.store import Served
 
 
 async def model_status(ctx: Context, request: Request) -> Response:
     return json_response(ctx.protocol.v1_model_status(request.params["model_name"]))
 
 
+def admit(ctx: Context, params: dict[str, str]) -> Served:
+    return ctx.protocol.admit(params["model_name"], None)
+
+
 async def predict(ctx: Context, request: Request) -> Response:
-    served = ctx.protocol.admit(request.params["model_name"], None)
+    served = admit(ctx, request.params)
     settings = ctx.settings
     declared = request.content_length()
     ctx.decoder.admit(declared)
@@ -35,5 +40,5 @@ def routes() -> list[Route]:
         Route("POST", "/v1/models/{model_name}:predict", predict,
               "Prediction from instances or columnar inputs", "v1", inference="v1",
               body="V1PredictRequest", answer="V1PredictResponse",
-              errors=(400, 404, 408, 413, 503, 504)),
+              errors=(400, 404, 408, 413, 503, 504), admit=admit),
     ]  # fmt: skip

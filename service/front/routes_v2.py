@@ -10,6 +10,7 @@ from service.protocol.request_limits import header_int
 from service.protocol.v2_binary import HEADER_LENGTH
 from service.protocol.v2_request import decode_infer_request
 from service.protocol.v2_response import encode_infer_response
+from service.serving.store import Served
 
 _HEADER_LENGTH = HEADER_LENGTH.lower().encode()
 
@@ -51,10 +52,14 @@ async def repository_index(ctx: Context, request: Request) -> Response:
     return json_response(ctx.protocol.repository_index())
 
 
+def admit(ctx: Context, params: dict[str, str]) -> Served:
+    return ctx.protocol.admit(params["model_name"], params.get("version"))
+
+
 async def infer(ctx: Context, request: Request) -> Response:
-    # Cheapest first: the model and room in its queue, before the body is read or decoded,
-    # so that refusals under overload cost next to nothing.
-    served = ctx.protocol.admit(request.params["model_name"], request.params.get("version"))
+    # Cheapest first: the model and room in its queue, before the body is read or decoded.
+    # The front asked already, at headers-complete; asked again, the answer is current.
+    served = admit(ctx, request.params)
     settings = ctx.settings
     json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
     declared = request.content_length()
@@ -109,6 +114,6 @@ def routes() -> list[Route]:
                   "statistics", answer="Statistics", errors=_UNKNOWN),
             Route("POST", f"{base}/infer", infer, f"Inference ({which})", "inference",
                   inference="v2", body="InferenceRequest", answer="InferenceResponse",
-                  errors=(400, 404, 408, 413, 503, 504)),
+                  errors=(400, 404, 408, 413, 503, 504), admit=admit),
         ]  # fmt: skip
     return table

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from service.front.context import Context
 
 Handler = Callable[["Context", "Request"], Awaitable["Response"]]
+# The cheap checks of a request from its path parameters alone (model known, ready, room in
+# its queue), raising the domain error that refuses it.
+Admit = Callable[["Context", dict[str, str]], object]
 
 _PARAM = re.compile(r"\{([a-z_]+)\}")
 # Matched paths remembered, so the hot routes cost a dict lookup; bounded, because paths
@@ -41,6 +44,9 @@ class Route:
     answer: str | None = None
     media_type: str = "application/json"
     errors: tuple[int, ...] = ()
+    # Checked when the request's headers are complete, before its body is read or any task
+    # is started for it: what it refuses costs next to nothing (service.front.limits).
+    admit: Admit | None = None
 
     @property
     def params(self) -> list[str]:

@@ -52,3 +52,23 @@ class OneSend:
 
     def is_closing(self) -> bool:
         return self.transport.is_closing()
+
+
+def raw_answer(
+    status_line: bytes,
+    default_headers: list[tuple[bytes, bytes]],
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    close: bool,
+) -> bytes:
+    """A whole answer written by the connection itself, not through an app's response cycle
+    (the front's own refusals): ``headers`` must not hold Content-Length or Connection."""
+    head = [status_line]
+    for name, value in (*default_headers, *headers):
+        head += [name, b": ", value, b"\r\n"]
+    head += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
+    if close:
+        head.append(b"connection: close\r\n")
+    head += [b"\r\n", body]
+    return b"".join(head)

@@ -48,6 +48,8 @@ Tensors = dict[str, np.ndarray]
 # A lone request runs inline when its inference is expected to take at most this long; the
 # loop is blocked meanwhile, so keep it well below a millisecond or two.
 INLINE_BELOW_S = 0.0015
+# How many recent batches the per-row compute estimate looks at.
+ROW_SAMPLES = 32
 # Weight of the newest measurement in the running estimate of one lone request's compute.
 _EWMA_WEIGHT = 0.2
 
@@ -108,10 +110,12 @@ class Batcher:
         self._busy = False  # the worker owns the queue's head (it has been handed the work)
         self._kicked = False  # a hand-over to the idle worker is scheduled on the loop
         self._stopping = False
-        # Running estimates of a one-request batch's compute time and of a batch's compute
-        # time per row; None until measured.
+        # Running estimate of a one-request batch's compute time; None until measured.
         self.lone_compute_s: float | None = None
-        self.row_compute_s: float | None = None
+        # The last batches' compute time per row. A batch timed on the worker thread includes
+        # its wait for the GIL after onnxruntime returns (up to the 5 ms switch interval while
+        # the loop is busy), so the estimate is their minimum: waits only ever add.
+        self._row_seconds: collections.deque[float] = collections.deque(maxlen=ROW_SAMPLES)
 
     def start(self) -> None:
         # Called in the lifespan: results are handed back to the running event loop.
@@ -199,9 +203,9 @@ class Batcher:
         """With the queue full and a batch of this model known to be quick, the loop runs the
         head of the queue itself rather than refuse: a refusal costs the loop a good part of
         what that batch costs, and the client sends again at once."""
-        per_row = self.row_compute_s
-        if per_row is None:
+        if not self._row_seconds:
             return False
+        per_row = min(self._row_seconds)
         with self._cond:
             waiting = self._waiting
             if not waiting:
@@ -348,7 +352,7 @@ class Batcher:
         compute = time.perf_counter() - started
         if len(live) == 1:
             self.lone_compute_s = _ewma(self.lone_compute_s, compute)
-        self.row_compute_s = _ewma(self.row_compute_s, compute / rows)
+        self._row_seconds.append(compute / rows)
         splitting = time.perf_counter()
         offset = 0
         for item in live:

@@ -304,13 +304,14 @@ def test_a_full_queue_of_a_quick_model_is_run_on_the_loop_not_refused(tmp_path: 
         # Not measured yet: a full queue is refused, as for any model.
         with pytest.raises(Overloaded):
             batcher.check_room()
-        batcher.row_compute_s = 0.0001  # as measured for this tiny model
+        batcher._row_seconds.append(0.0001)  # as measured for this tiny model
         extra = batcher.enqueue({"x": _rows(1, 3)})  # the loop runs the two queued first
         loop_thread = threading.current_thread().name
         assert model.runs == [(loop_thread, 2)] and batcher.depth == 1
         # A slow model's full batch is never run on the loop: refused instead.
         batcher.enqueue({"x": _rows(1, 4)})
-        batcher.row_compute_s = 0.05
+        batcher._row_seconds.clear()
+        batcher._row_seconds.append(0.05)
         with pytest.raises(Overloaded):
             batcher.check_room()
         model.gate.set()

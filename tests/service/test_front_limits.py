@@ -127,6 +127,12 @@ def read_response(sock: socket.socket) -> bytes:
     return data
 
 
+def get_metrics(srv: RunningServer) -> str:
+    with connect(srv) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nhost: t\r\nconnection: close\r\n\r\n")
+        return parse(read_all(sock))[2].decode()
+
+
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(f"{field}:"):
@@ -255,6 +261,33 @@ def test_head_get_and_100_continue_answers_are_whole_on_one_kept_alive_connectio
         sock.sendall(BODY)
         status, _, body = parse(read_response(sock))
         assert status == 200 and orjson.loads(body)["outputs"][0]["shape"] == [1, 3], body
+
+
+def test_a_refusal_at_headers_complete_is_answered_logged_and_counted_and_keeps_alive(
+    server: RunningServer,
+) -> None:
+    """A request its route's admission refuses (here: an unknown model) is answered as soon
+    as its headers are in, before its body is sent; its body is then read and dropped, and
+    the connection serves the next request. The refusal is logged and counted like any."""
+    body = b'{"inputs": []}'
+    with connect(server) as sock:
+        sock.sendall(
+            f"POST /v2/models/nope/infer HTTP/1.1\r\nhost: t\r\nx-request-id: early-77\r\n"
+            f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+        )
+        status, headers, answer = parse(read_response(sock))  # no body sent yet
+        assert status == 404 and headers["x-request-id"] == "early-77"
+        assert headers.get("connection") != "close"
+        assert orjson.loads(answer)["error"].startswith("Request for unknown model")
+        sock.sendall(body + b"GET /v2/health/ready HTTP/1.1\r\nhost: t\r\n\r\n")
+        status, _, answer = parse(read_response(sock))
+        assert status == 200 and orjson.loads(answer) == {"ready": True}
+    metrics = get_metrics(server)
+    assert re.search(r'normserve_requests_total\{[^}]*status="404"[^}]*\} [1-9]', metrics), metrics
+    deadline = time.monotonic() + 10
+    while '"early-77"' not in server.log_tail(100_000) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the log line is written after the answer
+    assert re.search(r'"request_id":"early-77".*"status":404', server.log_tail(100_000))
 
 
 # ------------------------------------------------------------------------------ timeouts
