@@ -93,8 +93,11 @@ class Batcher:
         max_queue_size: int,
         on_batch: Callable[[BatchRecord], None] | None = None,
         merge: bool = True,
+        inline_below_s: float = INLINE_BELOW_S,
     ) -> None:
         self.model = model
+        # Work expected to take at most this long may run on the event loop's thread.
+        self.inline_below_s = inline_below_s
         self.max_batch_size = max_batch_size
         # False for batch-dependent models: a request's rows are its batch, nothing is added.
         self.merge = merge
@@ -211,7 +214,7 @@ class Batcher:
             if not waiting:
                 return True
             rows = min(self.max_batch_size, sum(item.rows for item in waiting))
-            if per_row * rows > INLINE_BELOW_S:
+            if per_row * rows > self.inline_below_s:
                 return False
             batch = self._take()
         self._deliver(*self._run_batch(batch))
@@ -219,7 +222,7 @@ class Batcher:
 
     def _inline_ok(self) -> bool:
         """A lone request of a model known to be quick may run on the loop."""
-        return self.lone_compute_s is not None and self.lone_compute_s <= INLINE_BELOW_S
+        return self.lone_compute_s is not None and self.lone_compute_s <= self.inline_below_s
 
     def _deliver(self, results: _Results, record: BatchRecord | None) -> None:
         for item, result in results:
