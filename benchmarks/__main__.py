@@ -23,6 +23,7 @@ import numpy as np
 from benchmarks.engines import benchmark_engines, openvino_available
 from benchmarks.http import Target, load_matrix
 from benchmarks.models import BENCH_MODELS, Exported, export_model
+from benchmarks.overload import overload_benchmark
 from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
 from benchmarks.serving import bench_repository, bodies, running_normserve
@@ -132,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["http_skipped"] = reason
         else:
             report["http"] = {n: http_benchmark(exported[n], args, work) for n in http_names}
+            report["overload"] = {n: overload(exported[n], args, work) for n in http_names}
 
     report["goals"] = evaluate_goals(report)
     report["elapsed_s"] = time.monotonic() - started
@@ -299,6 +301,14 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
             result["rss_after_load_bytes"]["mlserver"] = tree_rss_bytes(peer.pid)
     result["series"] = [row for s in series for row in s.summary()]
     return result
+
+
+def overload(model: Exported, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    name = model.spec.name
+    repository = model.repository or bench_repository([model], work / f"repository-{name}")
+    sample = np.random.default_rng(0).random(model.spec.input_shape, dtype=np.float32)
+    body = bodies(name, sample)["v2-json"]
+    return overload_benchmark(repository, body, args.http_rounds, args.duration, work, log)
 
 
 def interpreter_speed_us() -> float:

@@ -167,6 +167,22 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{len(cold['normserve_rss_bytes'])} starts",
             )
         )
+    for model, overload in report.get("overload", {}).items():
+        rows = overload["rows"]
+        goals.append(
+            _goal(
+                f"{model}: goodput under overload, --max-queue-size {overload['queue_size']}, "
+                f"{rows[-1]['connections']} vs {rows[0]['connections']} connections",
+                overload["goodput_ratio"],
+                f">= {overload['floor']}",
+                overload["goodput_ratio"] >= overload["floor"],
+                ", ".join(
+                    f"c={r['connections']}: {r['goodput_per_s']:.0f} answered/s, "
+                    f"{r['refused_per_s']:.0f} refused/s"
+                    for r in rows
+                ),
+            )
+        )
     for model, http in report.get("http", {}).items():
         rss = http.get("rss_after_load_bytes", {}).get("normserve", math.nan) / MIB
         peer_rss = http.get("rss_after_load_bytes", {}).get("mlserver", math.nan)
@@ -339,6 +355,26 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
         parts += [
             f"Cold start to first inference (s): {http.get('cold_start_s')}; "
             f"RSS after load (MiB): {rss}",
+            "",
+        ]
+    for model, overload in report.get("overload", {}).items():
+        parts += [
+            f"## Overload: {model} (--max-queue-size {overload['queue_size']}, "
+            f"{overload['format']}, wrk sends again at once after a refusal)",
+            "",
+            _table(
+                ["connections", "answered/s", "refused/s", "p99 ms", "socket errors"],
+                [
+                    [
+                        r["connections"],
+                        r["goodput_per_s"],
+                        r["refused_per_s"],
+                        r["p99_ms"],
+                        r["socket_errors"],
+                    ]
+                    for r in overload["rows"]
+                ],
+            ),
             "",
         ]
     text = "\n".join(parts) + "\n"
