@@ -20,15 +20,17 @@ def admit(ctx: Context, params: dict[str, str]) -> Served:
 
 
 async def predict(ctx: Context, request: Request) -> Response:
-    served = admit(ctx, request.params)
-    settings = ctx.settings
-    declared = request.content_length()
-    ctx.decoder.admit(declared)
-    body = await request.body(settings.max_request_bytes, declared)
-    inputs = await ctx.decoder(
-        len(body), decode_v1_body, body, settings.max_json_depth, served.config
-    )
-    outputs = await request.until_disconnected(ctx.protocol.submit(served, inputs, None))
+    with ctx.protocol.hold(request.params["model_name"], None) as place:
+        served = place.served
+        settings = ctx.settings
+        declared = request.content_length()
+        ctx.decoder.admit(declared)
+        body = await request.body(settings.max_request_bytes, declared)
+        inputs = await ctx.decoder(
+            len(body), decode_v1_body, body, settings.max_json_depth, served.config
+        )
+        pending = ctx.protocol.submit(served, inputs, None, place=place)
+    outputs = await request.until_disconnected(pending)
     return Response(200, orjson.dumps(encode_v1(outputs, served.config)), [(b"content-type", JSON)])
 
 

@@ -57,21 +57,24 @@ def admit(ctx: Context, params: dict[str, str]) -> Served:
 
 
 async def infer(ctx: Context, request: Request) -> Response:
-    # Cheapest first: the model and room in its queue, before the body is read or decoded.
-    # The front asked already, at headers-complete; asked again, the answer is current.
-    served = admit(ctx, request.params)
-    settings = ctx.settings
-    json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
-    declared = request.content_length()
-    ctx.decoder.admit(declared)
-    body = await request.body(settings.max_request_bytes, declared)
-    check = served.model.signature.check_declared
-    decoded = await ctx.decoder(
-        len(body), decode_infer_request, body, json_length, settings.limits, check
-    )
-    outputs = await request.until_disconnected(
-        ctx.protocol.submit(served, decoded.inputs, decoded.timeout_ms, decoded.outputs)
-    )
+    # Cheapest first: the model and room in its queue, before the body is read or decoded
+    # (the front asked already, at headers-complete); the place is held meanwhile.
+    params = request.params
+    with ctx.protocol.hold(params["model_name"], params.get("version")) as place:
+        served = place.served
+        settings = ctx.settings
+        json_length = header_int(HEADER_LENGTH, request.header(_HEADER_LENGTH))
+        declared = request.content_length()
+        ctx.decoder.admit(declared)
+        body = await request.body(settings.max_request_bytes, declared)
+        check = served.model.signature.check_declared
+        decoded = await ctx.decoder(
+            len(body), decode_infer_request, body, json_length, settings.limits, check
+        )
+        pending = ctx.protocol.submit(
+            served, decoded.inputs, decoded.timeout_ms, decoded.outputs, place
+        )
+    outputs = await request.until_disconnected(pending)
     payload, headers = encode_infer_response(
         served.config.name,
         served.version,

@@ -17,7 +17,7 @@ from service.operations.metrics import Metrics, ModelStats
 from service.protocol.v2_response import check_requested
 from service.protocol.v2_types import RequestedOutput
 from service.repository import TensorSpec
-from service.serving.store import ModelStore, Served
+from service.serving.store import ModelStore, Place, Served
 
 SERVER_NAME = "normserve"
 SERVER_VERSION = "0.1.0"
@@ -134,18 +134,25 @@ class Protocol:
         """The model for one more inference, or the refusal, before any body is read."""
         return self.store.admit(name, version)
 
+    def hold(self, name: str, version: str | None) -> Place:
+        """``admit``, holding the request's place in the model's queue while its body is read
+        and decoded (``with protocol.hold(...) as place:``; ``submit(..., place=place)``), so
+        that an admitted request is never refused for room after that work."""
+        return self.store.hold(name, version)
+
     def submit(
         self,
         served: Served,
         inputs: Tensors,
         timeout_ms: float | None,
         requested: list[RequestedOutput] | None = None,
+        place: Place | None = None,
     ) -> asyncio.Future[Tensors]:
         """Validates ``inputs`` and the requested outputs against the model, then queues the
         request; the future resolves with all of the model's outputs."""
         if requested is not None:
             check_requested(requested, [s.name for s in served.config.outputs])
-        return self.store.submit(served, inputs, timeout_ms)
+        return self.store.submit(served, inputs, timeout_ms, place)
 
 
 def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:

@@ -113,6 +113,10 @@ class Batcher:
         self._busy = False  # the worker owns the queue's head (it has been handed the work)
         self._kicked = False  # a hand-over to the idle worker is scheduled on the loop
         self._stopping = False
+        # Places held by admitted requests whose bodies are still being read and decoded
+        # (loop thread only): they count against the queue's size, so that a request admitted
+        # is never refused later, after the costly part, for want of room.
+        self._reserved = 0
         # Running estimate of a one-request batch's compute time; None until measured.
         self.lone_compute_s: float | None = None
         # The last batches' compute time per row. A batch timed on the worker thread includes
@@ -141,10 +145,27 @@ class Batcher:
         """
         return await self.enqueue(inputs, deadline)
 
-    def enqueue(self, inputs: Tensors, deadline: float | None = None) -> asyncio.Future[Tensors]:
-        """``submit`` without the coroutine: the future the batch will resolve. Cancelling it
-        takes the request out of its batch (if the batch has not started)."""
+    def reserve(self) -> None:
+        """Holds a place in the queue for a request about to be read (refused if full); the
+        caller either ``enqueue(..., reserved=True)``s it or ``release()``s it."""
         self.check_room()
+        self._reserved += 1
+
+    def release(self) -> None:
+        """Gives back a place that ``reserve`` held and no request took."""
+        self._reserved -= 1
+
+    def enqueue(
+        self, inputs: Tensors, deadline: float | None = None, *, reserved: bool = False
+    ) -> asyncio.Future[Tensors]:
+        """``submit`` without the coroutine: the future the batch will resolve. Cancelling it
+        takes the request out of its batch (if the batch has not started). ``reserved``: the
+        request takes the place ``reserve`` held for it, so it is not refused for room."""
+        if reserved:
+            self._reserved -= 1
+            self._check_accepting()
+        else:
+            self.check_room()
         loop = self._loop
         assert loop is not None  # check_room refuses before start()
         rows = next(iter(inputs.values())).shape[0]
@@ -162,14 +183,17 @@ class Batcher:
     def check_room(self) -> None:
         """Overloaded when the queue is full: callers ask before decoding a request, so that
         a refusal under overload costs next to nothing."""
-        thread = self._thread
-        if thread is None or self._stopping or not thread.is_alive():
-            raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
-        if len(self._waiting) >= self.max_queue_size and not self._drain_inline():
+        self._check_accepting()
+        if len(self._waiting) + self._reserved >= self.max_queue_size and not self._drain_inline():
             raise Overloaded(
                 f"model '{self.model.name}' is overloaded: {self.max_queue_size} requests are "
                 "already waiting; retry later"
             )
+
+    def _check_accepting(self) -> None:
+        thread = self._thread
+        if thread is None or self._stopping or not thread.is_alive():
+            raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
 
     async def stop(self) -> None:
         """Finish what is queued, then end the worker (graceful shutdown). New requests are
@@ -205,20 +229,21 @@ class Batcher:
     def _drain_inline(self) -> bool:
         """With the queue full and a batch of this model known to be quick, the loop runs the
         head of the queue itself rather than refuse: a refusal costs the loop a good part of
-        what that batch costs, and the client sends again at once."""
+        what that batch costs, and the client sends again at once. True if there is room now.
+        """
         if not self._row_seconds:
             return False
         per_row = min(self._row_seconds)
         with self._cond:
             waiting = self._waiting
-            if not waiting:
-                return True
+            if not waiting:  # full of reserved places: nothing to run yet
+                return False
             rows = min(self.max_batch_size, sum(item.rows for item in waiting))
             if per_row * rows > self.inline_below_s:
                 return False
             batch = self._take()
         self._deliver(*self._run_batch(batch))
-        return True
+        return len(self._waiting) + self._reserved < self.max_queue_size
 
     def _inline_ok(self) -> bool:
         """A lone request of a model known to be quick may run on the loop."""

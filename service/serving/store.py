@@ -47,6 +47,24 @@ class Served:
         return str(self.model.version.version)
 
 
+@dataclass
+class Place:
+    """A request's place in its model's queue, held from admission (before its body is read)
+    until the request is queued or given up: used as a context manager, it is given back on
+    exit unless ``ModelStore.submit`` took it."""
+
+    served: Served
+    held: bool = True
+
+    def __enter__(self) -> Place:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.held:
+            self.held = False
+            self.served.batcher.release()
+
+
 class ModelStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -153,10 +171,26 @@ class ModelStore:
         served.batcher.check_room()
         return served
 
+    def hold(self, name: str, version: str | None = None) -> Place:
+        """``admit`` that also holds the request's place in the queue until it is submitted:
+        for a transport about to read and decode the body."""
+        served = self.get(name, version)
+        served.batcher.reserve()
+        return Place(served)
+
     def submit(
-        self, served: Served, tensors: dict[str, np.ndarray], timeout_ms: float | None
+        self,
+        served: Served,
+        tensors: dict[str, np.ndarray],
+        timeout_ms: float | None,
+        place: Place | None = None,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
-        """``infer`` as a future (no coroutine or task per request): the batch resolves it."""
+        """``infer`` as a future (no coroutine or task per request): the batch resolves it.
+        With a ``place`` from ``hold``, the request takes it (never refused for room)."""
         inputs = served.model.validate(tensors)
         timeout = timeout_ms if timeout_ms is not None else self.settings.request_timeout_ms
-        return served.batcher.enqueue(inputs, time.perf_counter() + timeout / 1000)
+        deadline = time.perf_counter() + timeout / 1000
+        if place is None or not place.held:
+            return served.batcher.enqueue(inputs, deadline)
+        place.held = False
+        return served.batcher.enqueue(inputs, deadline, reserved=True)

@@ -385,3 +385,36 @@ def test_the_failing_request_shared_its_batch_and_only_it_fails(tmp_path: Path) 
         if i != 2:
             assert isinstance(result, dict)
             np.testing.assert_allclose(result["scores"], expected(_rows(1, i)), atol=ATOL)
+
+
+def test_reserved_places_count_against_the_queue_and_are_never_refused(tmp_path: Path) -> None:
+    """A request admitted before its body is read holds its place: later arrivals are refused
+    instead of it, and it is queued even though the queue is full meanwhile."""
+    model = _model(tmp_path, WorkerGatedModel)
+    assert isinstance(model, WorkerGatedModel)
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=1, max_queue_delay_s=0, max_queue_size=2)
+        batcher.start()
+        running = batcher.enqueue({"x": _rows(1, 0)})
+        await asyncio.to_thread(model.started.wait, 10)
+        batcher.reserve()  # admitted, body still being read
+        batcher.reserve()
+        with pytest.raises(Overloaded):
+            batcher.reserve()
+        with pytest.raises(Overloaded):
+            batcher.enqueue({"x": _rows(1, 9)})
+        batcher.release()  # that one's body was bad: its place is free again
+        queued = batcher.enqueue({"x": _rows(1, 1)})  # takes the free place
+        kept = batcher.enqueue({"x": _rows(1, 2)}, reserved=True)  # the held one
+        assert batcher.depth == 2
+        with pytest.raises(Overloaded):
+            batcher.reserve()
+        model.gate.set()
+        for i, future in enumerate((running, queued, kept)):
+            np.testing.assert_allclose((await future)["scores"], expected(_rows(1, i)), atol=ATOL)
+        batcher.reserve()  # all places free again
+        batcher.release()
+        await batcher.stop()
+
+    asyncio.run(scenario())

@@ -168,3 +168,21 @@ def test_the_decoding_process_ends_with_the_server(tmp_path: Path, signal_name: 
         if server.proc.poll() is None:
             server.proc.kill()
             server.proc.wait(10)
+
+
+def test_requests_refused_after_admission_give_their_place_back(tmp_path: Path) -> None:
+    """An admitted request holds a place in its model's queue while its body is read; every
+    way it can fail before it is queued (bad JSON, wrong shape, too large) gives the place
+    back, so bad requests can never leave the queue full."""
+    repository = tiny_repository(tmp_path)
+    app = create_app(Settings(repository=repository, max_queue_size=2, access_log=False))
+    good = orjson.dumps(
+        {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, FEATURES], "data": [1] * 4}]}
+    )
+    bad = [b"{not json", good.replace(b"[1,4]", b"[2,4]"), b"[" * 100_000]
+    with TestClient(app) as client:
+        for body in bad * 3:  # more failures than places
+            answer = client.post("/v2/models/tiny/infer", content=body)
+            assert answer.status_code in (400, 413), answer.text
+        assert app.store.served["tiny"].batcher._reserved == 0
+        assert client.post("/v2/models/tiny/infer", content=good).status_code == 200
