@@ -1,8 +1,8 @@
-# normserve runtime image: FastAPI + onnxruntime serving the BN-folded default models.
+# normserve runtime image: onnxruntime serving the BN-folded default models over V2 and V1.
 #
-#   docker build -t normserve .                 # trains and exports the models in a build stage
-#   docker build --build-arg MODELS=context .   # or copies ./model_repository (`make repository`)
-#   docker run -p 8000:8000 normserve [--workers 2 ...]
+#   docker build -t normserve:dev .                                # trains and exports the models
+#   docker build --build-arg MODELS=context -t normserve:dev .     # or copies ./model_repository
+#   docker run -p 8000:8000 normserve:dev [--workers 2 ...]
 #
 # torch lives only in the `models-train` stage; the runtime stage holds the pinned serving
 # dependencies (requirements/serve.txt), the `service` package and the repository.

@@ -36,7 +36,8 @@ except ImportError as exc:  # a missing dependency must fail loudly, not skip
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s" / "base"
-OVERLAYS = ("dev", "prod")
+# Every overlay in the directory is rendered and validated, not a list that can fall behind.
+OVERLAYS = tuple(sorted(p.name for p in (ROOT / "deploy" / "k8s" / "overlays").iterdir()))
 KSERVE = ROOT / "deploy" / "kserve" / "inferenceservice.yaml"
 VALIDATOR = Path(sys.executable).parent / "kubernetes-validate"
 TARGETS = (*OVERLAYS, "kserve")
@@ -175,8 +176,71 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
 def test_overlay_renders_and_validates_strictly(overlay: str, tmp_path: Path) -> None:
     done = validate(tmp_path, overlay, render(overlay))
     assert done.returncode == 0, done.stdout + done.stderr
-    for kind in ("Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"):
+    kinds = ("Namespace", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget")
+    for kind in kinds:
         assert f"passed for resource {kind.lower()}/" in done.stdout, (kind, done.stdout)
+
+
+def test_overlay_creates_its_namespace(overlay: str) -> None:
+    """`kubectl apply -k` on a clean cluster: the namespace is one of the applied objects."""
+    docs = load(render(overlay))
+    namespace = by_kind(docs, "Namespace")["metadata"]["name"]
+    assert docs[0]["kind"] == "Namespace", "kustomize orders the Namespace first"
+    for doc in docs[1:]:
+        assert doc["metadata"].get("namespace") == namespace, (doc["kind"], namespace)
+
+
+def indexed_prefixes(path: str) -> list[str]:
+    """``/a/0/b/2/c`` -> ``["/a/0", "/a/0/b/2"]``: the list items a JSON patch path goes through."""
+    parts = path.split("/")
+    return ["/".join(parts[: i + 1]) for i, part in enumerate(parts) if part.isdigit()]
+
+
+def untested_positions(operations: list[Doc]) -> list[str]:
+    """Operations that address a list item by index with no earlier ``test`` op on that item
+    (a ``test`` of ``.../env/2/name`` vouches for ``.../env/2``)."""
+    tested: set[str] = set()
+    found = []
+    for operation in operations:
+        prefixes = indexed_prefixes(operation["path"])
+        if operation["op"] == "test":
+            tested.update(prefixes)
+        elif any(prefix not in tested for prefix in prefixes):
+            found.append(f"{operation['op']} {operation['path']}")
+    return found
+
+
+def test_overlays_patch_lists_by_key_not_position(overlay: str) -> None:
+    """Strategic merges (containers and env by name) or JSON patches that test the item they
+    address: reordering the base can never make a patch change another variable."""
+    directory = ROOT / "deploy" / "k8s" / "overlays" / overlay
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    for patch in kustomization.get("patches", []):
+        operations = yaml.safe_load(patch.get("patch") or (directory / patch["path"]).read_text())
+        if isinstance(operations, list):  # a JSON patch; a mapping is a strategic merge
+            assert not untested_positions(operations), (overlay, untested_positions(operations))
+
+
+def test_position_rule_is_live() -> None:
+    """The rule above catches the patch this repository once had (env/2 by position)."""
+    by_position = [
+        {"op": "replace", "path": "/spec/template/spec/containers/0/env/2", "value": {}},
+    ]
+    assert untested_positions(by_position) == [by_position[0]["op"] + " " + by_position[0]["path"]]
+    tested = [
+        {"op": "test", "path": "/spec/template/spec/containers/0/env/2/name", "value": "X"},
+        *by_position,
+    ]
+    assert untested_positions(tested) == []
+
+
+def test_overlays_keep_every_base_variable_once(overlay: str) -> None:
+    (deployment,) = load((BASE / "deployment.yaml").read_text())
+    (base,) = deployment["spec"]["template"]["spec"]["containers"]
+    _, container = pod_of(overlay)
+    names = [item["name"] for item in container["env"]]
+    assert len(names) == len(set(names)), f"{overlay}: a variable set twice: {names}"
+    assert {item["name"] for item in base["env"]} <= set(names)
 
 
 @pytest.mark.parametrize("name", ["deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml"])
@@ -213,9 +277,15 @@ def test_probes_hit_real_endpoints(target: str, client: TestClient) -> None:
         assert response.status_code == 200, f"{target}: GET {path} -> {response.status_code}"
 
 
+def http_port(container: Doc) -> int:
+    """The container's HTTP port, found by name: other ports (gRPC) may sit beside it."""
+    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] in ("http", "http1")]
+    return int(port)
+
+
 def test_ports_agree(target: str) -> None:
     _, container = pod_of(target)
-    (port,) = [p["containerPort"] for p in container["ports"]]
+    port = http_port(container)
     assert int(env_of(container)["NORMSERVE_PORT"]) == port
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert resolve_port(container[probe]["httpGet"]["port"], container) == port, probe
@@ -223,7 +293,7 @@ def test_ports_agree(target: str) -> None:
         assert port == 8080, "KServe routes to the predictor container on 8080"
         return
     docs = load(render(target))
-    (service_port,) = by_kind(docs, "Service")["spec"]["ports"]
+    (service_port,) = [p for p in by_kind(docs, "Service")["spec"]["ports"] if p["name"] == "http"]
     assert resolve_port(service_port["targetPort"], container) == port
     template = by_kind(docs, "Deployment")["spec"]["template"]
     assert int(template["metadata"]["annotations"]["prometheus.io/port"]) == port
@@ -232,9 +302,9 @@ def test_ports_agree(target: str) -> None:
 def test_base_port_matches_dockerfile() -> None:
     (deployment,) = load((BASE / "deployment.yaml").read_text())
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    (port,) = [p["containerPort"] for p in container["ports"]]
+    port = http_port(container)
     image = dockerfile_runtime()
-    assert int(image["EXPOSE"]) == port
+    assert str(port) in image["EXPOSE"].split()
     assert int(image["NORMSERVE_PORT"]) == port
     assert int(env_of(container)["NORMSERVE_PORT"]) == port
 
@@ -284,7 +354,8 @@ def test_hpa_targets_the_deployment(overlay: str) -> None:
     assert ref["name"] == deployment["metadata"]["name"]
     low, high = hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]
     assert 1 <= low <= high
-    assert low <= deployment["spec"]["replicas"] <= high
+    # The HPA owns the count: a replicas field would be re-applied over its decision.
+    assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
     if overlay == "prod":
         assert low >= 3
 
@@ -325,6 +396,12 @@ def test_images(overlay: str) -> None:
     _, container = pod_of(overlay)
     if overlay == "dev":
         assert container["image"] == "normserve:dev"
+        # The image README and the Dockerfile tell users to build is the one dev deploys.
+        for name in ("README.md", "Dockerfile"):
+            tags = re.findall(
+                r"(?:docker|buildah) (?:build|bud) .*?-t (\S+)", (ROOT / name).read_text()
+            )
+            assert tags and set(tags) == {"normserve:dev"}, (name, tags)
         return
     name, _, tag = container["image"].rpartition(":")
     registry = name.split("/")[0]
