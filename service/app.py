@@ -18,6 +18,7 @@ from service.front.asgi import Receive, Scope, Send
 from service.front.context import Context
 from service.front.decoding import BodyDecoder
 from service.front.dispatch import HttpFront
+from service.front.drain import drain_before_exit
 from service.front.limits import EARLY_REFUSAL
 from service.front.openapi import document
 from service.front.routing import Router
@@ -73,6 +74,8 @@ class NormserveApp:
         # For the connections of service.front.limits: refusals at headers-complete.
         if "state" in scope:
             scope["state"][EARLY_REFUSAL] = self.http.refuse_early
+        # After the server installed its signal handlers: SIGTERM makes readiness 503 first.
+        drain_before_exit(self.settings.drain_delay_s, self.protocol.drain)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         # uvicorn has finished the in-flight requests before this point; drain the queues.

@@ -112,6 +112,12 @@ class Settings(BaseSettings):
     graceful_shutdown_s: Annotated[float, Field(gt=0)] = Field(
         30.0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    drain_delay_s: Annotated[float, Field(ge=0, le=300)] = Field(
+        0.0,
+        description="On SIGTERM, how long /v2/health/ready answers 503 while requests are "
+        "still served, before the listener closes: above a load balancer's health-check "
+        "interval times its fall count. 0 behind Kubernetes, whose preStop pause does this.",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )

@@ -33,6 +33,7 @@ class Protocol:
     def __init__(self, store: ModelStore, metrics: Metrics) -> None:
         self.store = store
         self.metrics = metrics
+        self.draining = False
 
     # ----------------------------------------------------------------- health and server
 
@@ -40,7 +41,11 @@ class Protocol:
         return True
 
     def ready(self) -> bool:
-        return self.store.ready
+        return self.store.ready and not self.draining
+
+    def drain(self) -> None:
+        """Not ready from now on (shutdown has begun), while requests are still answered."""
+        self.draining = True
 
     def server_metadata(self) -> dict[str, Any]:
         return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS}
