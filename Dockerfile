@@ -33,16 +33,21 @@ FROM ${PYTHON_IMAGE} AS models-train
 ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-# torch first, alone: the largest download gets its own cached layer.
+# torch first, alone: the largest download gets its own cached layer. The pin is pyproject's.
 RUN python3 -m venv /opt/build \
  && /opt/build/bin/pip install ${TORCH_PIP_ARGS} torch==2.13.0
-COPY pyproject.toml README.md ./
+# The rest of the export closure (onnx, onnxscript, scikit-learn, ...), pinned like the serving
+# one (`make lock` writes both): the same sources train and export the same models.
+# --no-deps installs exactly the lock; `pip check` proves it is whole, torch's needs included.
+COPY requirements/export.txt /tmp/export.txt
+RUN /opt/build/bin/pip install --no-deps --requirement /tmp/export.txt \
+ && /opt/build/bin/pip check
+# Run from the source tree (WORKDIR /src), not installed: nothing of this stage but /models
+# reaches the runtime image.
 COPY models ./models
 COPY export ./export
 COPY service ./service
-# The package's own export extra (onnx, onnxscript, scikit-learn, ...); torch is already there.
-RUN /opt/build/bin/pip install '.[export]' \
- && /opt/build/bin/python -m export build --repository /models --checkpoints /tmp/checkpoints
+RUN /opt/build/bin/python -m export build --repository /models --checkpoints /tmp/checkpoints
 
 # ---- or the repository built on the host (MODELS=context) ----
 FROM ${PYTHON_IMAGE} AS models-context
@@ -72,8 +77,12 @@ COPY --from=models /models /models
 COPY service /app/service
 # Byte-code compiled at build time: faster cold start, nothing written at run time, so the
 # root file system can be mounted read-only. Files stay root-owned: the server cannot alter them.
-RUN python3 -m compileall -q /app/service
-WORKDIR /app
+# Installed into the venv, not found through the working directory: a .pth file in its
+# site-packages puts /app on sys.path for the venv's python3 in any directory (the ENTRYPOINT,
+# the HEALTHCHECK, `docker exec`, a pod's workingDir).
+RUN python3 -m compileall -q /app/service \
+ && python3 -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_path('purelib'), 'normserve.pth').write_text('/app\n')"
+WORKDIR /
 USER 10001:10001
 EXPOSE 8000
 # The slim image has no curl: a standard-library probe of /v2/health/ready.

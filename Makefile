@@ -42,15 +42,30 @@ lint: $(VENV)/.installed
 test: lint
 	$(BIN)/python -m pytest
 
-# Re-pins requirements/serve.txt (what the runtime image installs, with --no-deps) to the
-# closure of pyproject's [project.dependencies], resolved in a throw-away environment.
+# Re-pins the two closures the image installs with --no-deps, resolved in one throw-away
+# environment so that the packages they share get the same versions:
+#   requirements/serve.txt   [project.dependencies]: the runtime stage
+#   requirements/export.txt  [project.dependencies] + the export extra, less torch: the
+#                            training stage, which installs torch itself from TORCH_PIP_ARGS
+# torch comes first from PyTorch's CPU index (PyPI's Linux torch is a CUDA build whose nvidia-*
+# packages would enter the lock); TORCH_PIP_ARGS="--find-links DIR" takes a local wheel.
+# --all: torch needs setuptools>=77, which a plain freeze hides (pip alone stays out).
+TORCH_PIP_ARGS ?= --index-url https://download.pytorch.org/whl/cpu
+TORCH_PIN = $(shell sed -n 's/.*"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+LOCK_NOTE = Regenerate with \`make lock\`; tests check it agrees.
 lock:
 	rm -rf .lock-venv
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/python -m pip install --quiet .
 	{ echo "# Serving dependencies of the runtime image, pinned: the closure of [project.dependencies]"; \
-	  echo "# in pyproject.toml as pip resolved it. Regenerate with \`make lock\`; tests check it agrees."; \
+	  echo "# in pyproject.toml as pip resolved it. $(LOCK_NOTE)"; \
 	  .lock-venv/bin/python -m pip freeze --exclude normserve; } > requirements/serve.txt
+	.lock-venv/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) '$(TORCH_PIN)'
+	.lock-venv/bin/python -m pip install --quiet '.[export]'
+	{ echo "# The training stage's dependencies, pinned: the closure of [project.dependencies] and the"; \
+	  echo "# export extra, less torch (the Dockerfile installs $(TORCH_PIN) from its CPU index)."; \
+	  echo "# $(LOCK_NOTE)"; \
+	  .lock-venv/bin/python -m pip freeze --all --exclude pip --exclude normserve --exclude torch; } > requirements/export.txt
 	rm -rf .lock-venv
 
 clean:

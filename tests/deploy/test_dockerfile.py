@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.markers import default_environment
@@ -22,6 +24,10 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
 LOCK = ROOT / "requirements" / "serve.txt"
+EXPORT_LOCK = ROOT / "requirements" / "export.txt"
+# The training stage installs torch from PyTorch's CPU index itself (its PyPI build is CUDA's):
+# the one package of the export closure that its lock leaves out.
+INSTALLED_APART = {"torch"}
 
 
 def hadolint() -> str:
@@ -85,7 +91,8 @@ def copy_sources() -> list[str]:
 
 def test_context_holds_what_copy_needs_and_nothing_heavy() -> None:
     sources = copy_sources()
-    assert {"requirements/serve.txt", "service", "models", "export"} <= set(sources)
+    assert {"requirements/serve.txt", "requirements/export.txt"} <= set(sources)
+    assert {"service", "models", "export"} <= set(sources)
     for source in sources:
         assert dockerignore_allows(source), f"COPY {source} but .dockerignore excludes it"
     heavy_paths = (
@@ -100,49 +107,100 @@ def test_context_holds_what_copy_needs_and_nothing_heavy() -> None:
         assert not dockerignore_allows(heavy), f"{heavy} would be sent to the engine"
 
 
+def stages() -> list[str]:
+    return re.split(r"^FROM ", DOCKERFILE.read_text(), flags=re.MULTILINE)
+
+
 def test_runtime_stage_installs_dependencies_before_copying_code() -> None:
     """Layer caching: a code change must not re-run the dependency install."""
-    text = DOCKERFILE.read_text()
-    stages = re.split(r"^FROM ", text, flags=re.MULTILINE)
-    deps = next(s for s in stages if " AS deps" in s.splitlines()[0])
+    deps = next(s for s in stages() if " AS deps" in s.splitlines()[0])
     assert deps.index("COPY requirements/serve.txt") < deps.index("pip install")
     assert "COPY service" not in deps and "COPY models" not in deps
-    runtime = next(s for s in stages if " AS runtime" in s.splitlines()[0])
+    runtime = next(s for s in stages() if " AS runtime" in s.splitlines()[0])
     assert runtime.index("COPY --from=deps") < runtime.index("COPY service")
     assert "torch" not in runtime.replace("# torch", "")
     assert re.search(r"^USER \d+:\d+$", runtime, flags=re.MULTILINE), "numeric non-root USER"
     assert re.search(r'^ENTRYPOINT \["', runtime, flags=re.MULTILINE), "exec-form ENTRYPOINT"
 
 
-def locked() -> dict[str, str]:
+def locked(lock: Path = LOCK) -> dict[str, str]:
     pins = {}
-    for line in LOCK.read_text().splitlines():
+    for line in lock.read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
-            assert version, f"{LOCK.name}: '{line}' is not pinned with =="
+            assert version, f"{lock.name}: '{line}' is not pinned with =="
             pins[canonicalize_name(name)] = version.strip()
     return pins
 
 
-def test_lock_pins_every_serving_dependency_within_pyproject() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = locked()
-    for spec in project["dependencies"]:
+def project() -> dict[str, Any]:
+    table: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return table
+
+
+def assert_pins_within(lock: Path, specs: list[str], skip: Collection[str] = ()) -> None:
+    pins = locked(lock)
+    for spec in specs:
         requirement = Requirement(spec)
         name = canonicalize_name(requirement.name)
-        assert name in pins, f"{name} is a dependency but not in {LOCK.name}: run `make lock`"
+        if name in skip:
+            continue
+        assert name in pins, f"{name} is a dependency but not in {lock.name}: run `make lock`"
         assert requirement.specifier.contains(pins[name], prereleases=True), (
-            f"{LOCK.name} pins {name}=={pins[name]}, outside pyproject's '{spec}'"
+            f"{lock.name} pins {name}=={pins[name]}, outside pyproject's '{spec}'"
         )
-    assert not {"torch", "onnx", "onnxscript", "scikit-learn"} & pins.keys()
 
 
-def test_lock_is_a_closed_set() -> None:
-    """The image installs it with --no-deps: every requirement of a locked package is locked."""
-    pins = locked()
+def test_lock_pins_every_serving_dependency_within_pyproject() -> None:
+    assert_pins_within(LOCK, project()["dependencies"])
+    assert not {"torch", "onnx", "onnxscript", "scikit-learn"} & locked().keys()
+
+
+def test_export_lock_pins_the_training_closure_within_pyproject() -> None:
+    """The training stage's packages are pinned too, so the image's models are reproducible."""
+    specs = [*project()["dependencies"], *project()["optional-dependencies"]["export"]]
+    assert_pins_within(EXPORT_LOCK, specs, skip=INSTALLED_APART)
+    assert not INSTALLED_APART & locked(EXPORT_LOCK).keys()
+
+
+def test_locks_agree_where_they_overlap() -> None:
+    """One resolution: the serving packages that export also uses (numpy, onnxruntime) run
+    the export's parity checks at the version the runtime serves with."""
+    serve, export = locked(LOCK), locked(EXPORT_LOCK)
+    assert serve.keys() <= export.keys(), f"missing from export.txt: {serve.keys() - export.keys()}"
+    differ = {name: (serve[name], export[name]) for name in serve if serve[name] != export[name]}
+    assert not differ, f"serve.txt and export.txt pin different versions: {differ}"
+
+
+def test_training_stage_installs_the_export_lock_and_pyprojects_torch() -> None:
+    stage = next(s for s in stages() if " AS models-train" in s.splitlines()[0])
+    assert "COPY requirements/export.txt" in stage
+    assert re.search(r"pip install --no-deps --requirement \S*export\.txt", stage)
+    assert "pip check" in stage, "a lock installed with --no-deps must be proven whole"
+    assert "[export]" not in stage, "an unpinned install of the export extra"
+    (torch_spec,) = [s for s in project()["optional-dependencies"]["export"] if "torch" in s]
+    (installed,) = re.findall(r"\btorch==\S+", stage)
+    assert installed == torch_spec.replace(" ", ""), (installed, torch_spec)
+
+
+def test_runtime_imports_the_service_from_any_directory() -> None:
+    """The service is installed in the venv (a .pth file), not found via WORKDIR: the
+    ENTRYPOINT and HEALTHCHECK work wherever the engine or a pod spec starts them."""
+    runtime = next(s for s in stages() if " AS runtime" in s.splitlines()[0])
+    assert "normserve.pth" in runtime and "sysconfig.get_path('purelib')" in runtime
+    workdirs = re.findall(r"^WORKDIR (\S+)", runtime, flags=re.MULTILINE)
+    assert workdirs == ["/"], f"the code's directory as WORKDIR hides a missing install: {workdirs}"
+
+
+@pytest.mark.parametrize("lock", [LOCK, EXPORT_LOCK], ids=lambda p: p.name)
+def test_lock_is_a_closed_set(lock: Path) -> None:
+    """The image installs it with --no-deps: every requirement of a locked package is locked
+    (for the export lock, torch's own requirements too)."""
+    pins = locked(lock)
     environment = {**default_environment(), "extra": ""}
+    apart = INSTALLED_APART if lock == EXPORT_LOCK else set()
     missing = []
-    for name in pins:
+    for name in [*pins, *apart]:
         try:
             requires = importlib.metadata.requires(name) or []
         except importlib.metadata.PackageNotFoundError:
@@ -151,6 +209,6 @@ def test_lock_is_a_closed_set() -> None:
             requirement = Requirement(spec)
             if requirement.marker is not None and not requirement.marker.evaluate(environment):
                 continue
-            if canonicalize_name(requirement.name) not in pins:
+            if canonicalize_name(requirement.name) not in pins.keys() | apart:
                 missing.append(f"{name} needs {requirement.name}")
-    assert not missing, f"{LOCK.name} is not closed: {missing}; run `make lock`"
+    assert not missing, f"{lock.name} is not closed: {missing}; run `make lock`"
