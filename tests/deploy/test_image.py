@@ -35,6 +35,8 @@ USER = "10001:10001"
 MODELS = ("digits_cnn", "digits_transformer", "digits_recurrent")
 SIZE_BUDGET_BYTES = 400 * 1000 * 1000  # docker and buildah report sizes in decimal MB
 READY_WITHIN_S = 60.0
+# A working directory with no code in it, for the entrypoint and the HEALTHCHECK.
+ELSEWHERE = "/tmp"
 
 pytestmark = pytest.mark.slow
 
@@ -150,7 +152,18 @@ def container(image: BuiltImage, tmp_path: Path) -> Iterator[Container]:
     log = tmp_path / "container.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            ["buildah", "run", "--isolation", "chroot", name, "--", *image.config["Entrypoint"]],
+            # Not the image's WORKDIR: the service is installed, it imports from anywhere.
+            [
+                "buildah",
+                "run",
+                "--isolation",
+                "chroot",
+                "--workingdir",
+                ELSEWHERE,
+                name,
+                "--",
+                *image.config["Entrypoint"],
+            ],
             stdout=out,
             stderr=subprocess.STDOUT,
         )
@@ -214,8 +227,8 @@ def test_container_serves_v2_answers_healthcheck_and_stops_cleanly(
 
     # The HEALTHCHECK command itself, inside the container, as the engine would run it.
     probe = subprocess.run(
-        ["buildah", "run", "--isolation", "chroot", container.name, "--",
-         *image.healthcheck["Test"][1:]],
+        ["buildah", "run", "--isolation", "chroot", "--workingdir", ELSEWHERE, container.name,
+         "--", *image.healthcheck["Test"][1:]],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert probe.returncode == 0, probe.stderr
