@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 REPOSITORY ?= model_repository
 CHECKPOINTS ?= checkpoints
 
-.PHONY: serve test repository lint venv clean lock bench
+.PHONY: serve test repository lint venv clean lock bench rehearse
 
 # pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise).
 $(VENV)/.installed: pyproject.toml
@@ -32,6 +32,12 @@ $(VENV)/.bench-installed: $(VENV)/.installed
 # about 15 minutes; BENCH_ARGS=--quick for a one-minute smoke run. Results: reports/bench/.
 bench: repository $(VENV)/.bench-installed
 	$(BIN)/python -m benchmarks --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS) $(BENCH_ARGS)
+
+# Scale-out rehearsal, about a minute: 3 replicas in network namespaces behind HAProxy under
+# wrk; a rolling restart, a kill -9 and a replica with a corrupted model; prints the counts.
+# Needs root and Debian's haproxy, iproute2 and wrk (README.md, Scaling).
+rehearse: repository
+	$(BIN)/python -m benchmarks.rehearse --repository $(REPOSITORY)
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
