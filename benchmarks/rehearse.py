@@ -48,6 +48,8 @@ CONNECTIONS = 8
 MODEL = "digits_cnn"
 START_WITHIN_S = 60.0
 OBSERVE_S = 3.0  # how long a killed or broken replica is watched before it is replaced
+# The load lasts as long as each phase does (wrk is stopped when it is over); this bounds it.
+LOAD_BOUND_S = 60.0
 
 
 def unavailable() -> str | None:
@@ -149,9 +151,10 @@ class Rehearsal:
         return time.monotonic() - started
 
     @contextmanager
-    def load(self, phase: Phase, duration_s: float) -> Iterator[None]:
-        """wrk through HAProxy for ``duration_s`` while the body of the ``with`` runs."""
+    def load(self, phase: Phase, bound_s: float) -> Iterator[None]:
+        """wrk through HAProxy while the body of the ``with`` runs (at most ``bound_s``)."""
         outcome: list[WrkResult | BaseException] = []
+        stop = threading.Event()
 
         def drive() -> None:
             try:
@@ -161,9 +164,10 @@ class Rehearsal:
                     content_type="application/json",
                     connections=CONNECTIONS,
                     threads=1,
-                    duration_s=duration_s,
+                    duration_s=bound_s,
                     timeout_s=5,
                     workdir=self.workdir / "wrk",
+                    stop=stop,
                 )
                 outcome.append(result)
             except BaseException as exc:  # reported in the main thread
@@ -177,6 +181,7 @@ class Rehearsal:
             yield
             phase.notes["load covered it"] = thread.is_alive()
         finally:
+            stop.set()
             thread.join()
         (result,) = outcome
         if isinstance(result, BaseException):
@@ -192,8 +197,7 @@ class Rehearsal:
 
     def rolling_restart(self) -> Phase:
         phase = Phase("rolling restart")
-        cycle_s = self.drain_delay_s + 9.0  # drain, exit, start, rise: generous on 2 busy cores
-        with self.load(phase, REPLICAS * cycle_s + 1):
+        with self.load(phase, REPLICAS * LOAD_BOUND_S):
             for i in range(REPLICAS):
                 self.cluster.signal(i, signal.SIGTERM)
                 code = self.cluster.wait_exit(i, self.drain_delay_s + GRACEFUL_SHUTDOWN_S + 5)
@@ -207,7 +211,7 @@ class Rehearsal:
     def kill_one(self, index: int = 1) -> Phase:
         phase = Phase("kill -9")
         name = self.name(index)
-        with self.load(phase, OBSERVE_S + 14.0):
+        with self.load(phase, LOAD_BOUND_S):
             in_flight = self.balancer.stats()[name].current
             self.cluster.signal(index, signal.SIGKILL)
             down_s = self.balancer.wait_status(name, up=False, timeout_s=10)
@@ -233,7 +237,7 @@ class Rehearsal:
         name = self.name(index)
         broken = corrupt_copy(self.repository, self.workdir / "corrupted")
         replica = self.cluster.replicas[index]
-        with self.load(phase, OBSERVE_S + 14.0):
+        with self.load(phase, LOAD_BOUND_S):
             self.cluster.signal(index, signal.SIGTERM)
             self.cluster.wait_exit(index, self.drain_delay_s + GRACEFUL_SHUTDOWN_S + 5)
             before = self.balancer.stats()[name].sessions

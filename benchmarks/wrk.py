@@ -33,6 +33,7 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -132,6 +133,7 @@ def run_wrk(
     threads: int | None = None,
     timeout_s: float = 10,
     workdir: Path,
+    stop: threading.Event | None = None,
 ) -> WrkResult:
     """POST ``body`` to ``url`` from ``connections`` keep-alive connections for ``duration_s``.
 
@@ -141,7 +143,9 @@ def run_wrk(
     this project's machines have few cores that the server under test needs more. wrk's
     ``--timeout`` is ``timeout_s`` rounded up to whole seconds. The body and the Lua script are
     written to ``workdir`` under content-hashed names (concurrent runs never clobber each other,
-    repeated runs reuse them) and left there, so that a run can be repeated by hand.
+    repeated runs reuse them) and left there, so that a run can be repeated by hand. ``stop``,
+    set from another thread, ends the run early (SIGINT, as for fractional durations): for load
+    that must last exactly as long as something else does, ``duration_s`` being its bound.
 
     Raises ValueError for a host other than loopback or impossible settings, RuntimeError when
     wrk is missing, fails, hangs or reports no result.
@@ -186,7 +190,7 @@ def run_wrk(
         "--script", str(script_path),
         url,
     ]  # fmt: skip
-    stdout, stderr, returncode = _run(command, interrupt_after, duration_s + timeout_s)
+    stdout, stderr, returncode = _run(command, interrupt_after, duration_s + timeout_s, stop)
 
     if returncode != 0:
         raise RuntimeError(
@@ -334,8 +338,14 @@ def _sigint_caught(pid: int) -> bool:
     return False
 
 
-def _run(command: list[str], interrupt_after: float | None, run_s: float) -> tuple[str, str, int]:
-    """Runs wrk; SIGINT after ``interrupt_after`` seconds of load when set. (stdout, stderr, rc).
+def _run(
+    command: list[str],
+    interrupt_after: float | None,
+    run_s: float,
+    stop: threading.Event | None = None,
+) -> tuple[str, str, int]:
+    """Runs wrk; SIGINT after ``interrupt_after`` seconds of load when set, or as soon as
+    ``stop`` is set. (stdout, stderr, rc).
 
     The clock for the interrupt starts when wrk has installed its SIGINT handler: wrk does that
     right after it started its threads and just before it takes its own start time, and a
@@ -346,15 +356,11 @@ def _run(command: list[str], interrupt_after: float | None, run_s: float) -> tup
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace"
     ) as proc:
         try:
-            if interrupt_after is not None:
+            if interrupt_after is not None or stop is not None:
                 # Popen returns after exec, so the handler state seen here is wrk's own.
                 while proc.poll() is None and time.monotonic() < deadline:
                     if _sigint_caught(proc.pid):
-                        try:
-                            stdout, stderr = proc.communicate(timeout=interrupt_after)
-                            return stdout, stderr, proc.returncode
-                        except subprocess.TimeoutExpired:
-                            proc.send_signal(signal.SIGINT)
+                        _interrupt_when(proc, interrupt_after, stop)
                         break
                     time.sleep(0.001)
             stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
@@ -370,6 +376,26 @@ def _run(command: list[str], interrupt_after: float | None, run_s: float) -> tup
             # Interrupted ourselves (KeyboardInterrupt, say): never leave wrk loading the server.
             if proc.poll() is None:
                 proc.kill()
+
+
+def _interrupt_when(
+    proc: subprocess.Popen[str], after: float | None, stop: threading.Event | None
+) -> None:
+    """SIGINT to wrk once ``after`` seconds passed or ``stop`` is set, unless it ended first.
+
+    wrk writes nothing until its run ends, so its pipes cannot fill while this waits.
+    """
+    started = time.monotonic()
+    while proc.poll() is None:
+        if (after is not None and time.monotonic() - started >= after) or (
+            stop is not None and stop.is_set()
+        ):
+            proc.send_signal(signal.SIGINT)
+            return
+        if stop is not None:
+            stop.wait(0.005)
+        else:
+            time.sleep(0.005)
 
 
 def _find_json(stdout: str) -> dict[str, Any] | None:

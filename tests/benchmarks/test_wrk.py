@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,29 @@ def test_binary_tensor_extension_and_fractional_duration(
     assert 0.45 <= result.duration_s <= 0.9, result
     # The files are kept under content-hashed names for a rerun by hand.
     assert [p.read_bytes() for p in tmp_path.glob("wrk-body-*.bin")] == [body]
+
+
+@needs_wrk
+def test_stop_event_ends_the_run_early(server: RunningServer, tmp_path: Path) -> None:
+    """A run bounded at 30 s ends when another thread sets ``stop``, with its counts."""
+    stop = threading.Event()
+    timer = threading.Timer(0.5, stop.set)
+    timer.start()
+    try:
+        result = run_wrk(
+            _infer_url(server),
+            JSON_BODY,
+            content_type="application/json",
+            connections=CONNECTIONS,
+            duration_s=30,
+            workdir=tmp_path,
+            stop=stop,
+        )
+    finally:
+        timer.cancel()
+    assert stop.is_set()
+    assert result.requests > 0 and result.errors_total == 0, result
+    assert result.duration_s < 30, result  # wrk ran to its bound: stop was not honoured
 
 
 @needs_wrk
