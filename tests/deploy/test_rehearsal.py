@@ -31,14 +31,16 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def phases(
-    built_repository: tuple[Path, Path, str], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Phase]]:
     """The three phases, run once in order against the session's built repository."""
     reason = rehearse.unavailable()
     if reason is not None:
         pytest.skip(reason)
+    # Only now: where the rehearsal cannot run, the skip costs no repository build.
+    repository: Path = request.getfixturevalue("built_repository")[0]
     namespaces_before = ip("netns", "list").stdout
-    rehearsal = Rehearsal(built_repository[0], tmp_path_factory.mktemp("rehearsal"))
+    rehearsal = Rehearsal(repository, tmp_path_factory.mktemp("rehearsal"))
     try:
         done = [rehearsal.rolling_restart(), rehearsal.kill_one(), rehearsal.corrupted_replica()]
     finally:
