@@ -104,6 +104,7 @@ class HAProxy:
         self.config_path = workdir / "haproxy.cfg"
         self.config_path.write_text(config(port, servers, self.socket_path, retries))
         self.log_path = workdir / "haproxy.log"
+        self.socket_path.unlink(missing_ok=True)  # a stale one would answer nothing
         check = subprocess.run(
             ["haproxy", "-c", "-f", str(self.config_path)], capture_output=True, text=True
         )
@@ -116,10 +117,16 @@ class HAProxy:
             )
         self.url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 10
-        while not self.socket_path.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"haproxy did not start:\n{self.log_path.read_text()[-2000:]}")
-            time.sleep(0.02)
+        while True:  # up when its stats socket answers
+            try:
+                self.command("show info")
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.close()
+                    log = self.log_path.read_text()[-2000:]
+                    raise RuntimeError(f"haproxy did not start:\n{log}") from None
+                time.sleep(0.02)
 
     def command(self, line: str) -> str:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

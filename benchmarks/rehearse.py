@@ -120,6 +120,10 @@ class Rehearsal:
         try:
             for i in range(REPLICAS):
                 self.cluster.start(i, repository)
+            # HAProxy starts its servers UP (to be taken out by failed checks): it starts
+            # only once every replica is ready, so no request meets one still loading.
+            for replica in self.cluster.replicas:
+                _wait_answer(f"{replica.url}/v2/health/ready", replica.running, want=200)
             servers = [(self.name(r.index), f"{r.address}:{netns.SERVER_PORT}")
                        for r in self.cluster.replicas]  # fmt: skip
             self.lb = haproxy.HAProxy(free_port(), servers, workdir / "haproxy", lb_retries)
@@ -204,6 +208,8 @@ class Rehearsal:
                 if code != 0:
                     log = self.cluster.replicas[i].log_tail()
                     raise RuntimeError(f"replica {i} exited {code} after SIGTERM:\n{log}")
+                # Out of rotation before it comes back, so that "UP" below is the new process.
+                self.balancer.wait_status(self.name(i), up=False, timeout_s=10)
                 self.cluster.start(i, self.repository)
                 phase.notes[f"replica {i} back UP after (s)"] = round(self.wait_up(i), 2)
         return phase
@@ -240,6 +246,7 @@ class Rehearsal:
         with self.load(phase, LOAD_BOUND_S):
             self.cluster.signal(index, signal.SIGTERM)
             self.cluster.wait_exit(index, self.drain_delay_s + GRACEFUL_SHUTDOWN_S + 5)
+            self.balancer.wait_status(name, up=False, timeout_s=10)
             before = self.balancer.stats()[name].sessions
             self.cluster.start(index, broken)
             live = _wait_answer(f"{replica.url}/v2/health/live", replica.running)
@@ -268,17 +275,20 @@ class Rehearsal:
             self.cluster.close()
 
 
-def _wait_answer(url: str, running: Callable[[], bool]) -> int:
-    """The first HTTP status ``url`` answers (the server's listener is up)."""
+def _wait_answer(url: str, running: Callable[[], bool], want: int | None = None) -> int:
+    """The first HTTP status ``url`` answers (``want`` if given): its server's listener is up."""
     deadline = time.monotonic() + START_WITHIN_S
     while time.monotonic() < deadline:
         if not running():
             raise RuntimeError(f"the server behind {url} exited")
         try:
-            return httpx.get(url, timeout=2).status_code
+            status = httpx.get(url, timeout=2).status_code
+            if want is None or status == want:
+                return status
         except httpx.HTTPError:
-            time.sleep(0.05)
-    raise TimeoutError(f"{url} did not answer within {START_WITHIN_S:.0f} s")
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer {want or ''} within {START_WITHIN_S:.0f} s")
 
 
 def rehearse(
