@@ -24,6 +24,7 @@ from benchmarks.engines import benchmark_engines, openvino_available
 from benchmarks.http import Target, load_matrix
 from benchmarks.models import BENCH_MODELS, Exported, export_model
 from benchmarks.overload import overload_benchmark
+from benchmarks.perf_analyzer import perf_analyzer_available, run_perf_analyzer
 from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
 from benchmarks.serving import bench_repository, bodies, running_normserve
@@ -300,6 +301,7 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
             f"{args.http_rounds} rounds × {args.duration:.0f} s"
         )
         series = load_matrix(targets, concurrencies, args.http_rounds, args.duration, work, log)
+        result["perf_analyzer"] = perf_analyzer_rows(name, on.url, concurrencies, args, work)
         result["rss_after_load_bytes"] = {"normserve": tree_rss_bytes(on.pid)}
         if workers > 1:
             result["rss_after_load_bytes"][multi_server_name(workers)] = tree_rss_bytes(multi.pid)
@@ -315,6 +317,40 @@ def overload(model: Exported, args: argparse.Namespace, work: Path) -> dict[str,
     sample = np.random.default_rng(0).random(model.spec.input_shape, dtype=np.float32)
     body = bodies(name, sample)["v2-json"]
     return overload_benchmark(repository, body, args.http_rounds, args.duration, work, log)
+
+
+def perf_analyzer_rows(
+    model: str, url: str, concurrencies: list[int], args: argparse.Namespace, work: Path
+) -> dict[str, Any]:
+    """Triton's own load generator against the same server, binary and JSON, beside wrk's
+    rows: its client latencies and the server-side breakdown it reads from the statistics."""
+    reason = perf_analyzer_available()
+    if reason is not None:
+        log(f"perf_analyzer skipped: {reason}")
+        return {"skipped": reason}
+    rows = []
+    for concurrency in concurrencies:
+        for fmt in ("binary", "json"):
+            r = run_perf_analyzer(
+                url.removeprefix("http://"),
+                model,
+                concurrency=concurrency,
+                input_format=fmt,
+                window_ms=int(args.duration * 1000),
+                stability_percent=100,  # a shared 2-core VM: report what was measured
+                max_trials=3,
+                workdir=work,
+            )
+            s = r.server
+            log(
+                f"  perf_analyzer c={concurrency:<3} v2-{fmt:<6} {r.throughput_per_s:8.0f} req/s"
+                f"  p50 {r.p50_us / 1000:6.2f} ms  p99 {r.p99_us / 1000:6.2f} ms  server: queue "
+                f"{s.queue_us:.0f} + input {s.compute_input_us:.0f} + infer "
+                f"{s.compute_infer_us:.0f} + output {s.compute_output_us:.0f} + overhead "
+                f"{s.overhead_us:.0f} µs"
+            )
+            rows.append({"format": f"v2-{fmt}", **r.to_dict()})
+    return {"rows": rows}
 
 
 def interpreter_speed_us() -> float:

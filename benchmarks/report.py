@@ -351,6 +351,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
             ),
             "",
         ]
+        parts += _perf_analyzer_table(http.get("perf_analyzer", {}))
         rss = {k: round(v / MIB) for k, v in http.get("rss_after_load_bytes", {}).items()}
         parts += [
             f"Cold start to first inference (s): {http.get('cold_start_s')}; "
@@ -380,6 +381,51 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
     text = "\n".join(parts) + "\n"
     path.write_text(text)
     return text
+
+
+def _perf_analyzer_table(pa: dict[str, Any]) -> list[str]:
+    """Triton's perf_analyzer against the batching server: its client view and the
+    server-side breakdown it computed from /v2/models/{m}/stats (µs per request)."""
+    if "skipped" in pa:
+        return [f"perf_analyzer: skipped ({pa['skipped']})", ""]
+    if not pa.get("rows"):
+        return []
+    return [
+        "perf_analyzer (Triton's load generator, normserve; server-side µs per request)",
+        "",
+        _table(
+            [
+                "format",
+                "concurrency",
+                "req/s",
+                "p50 ms",
+                "p99 ms",
+                "queue",
+                "compute input",
+                "compute infer",
+                "compute output",
+                "overhead",
+                "batches/requests",
+            ],
+            [
+                [
+                    r["format"],
+                    r["concurrency"],
+                    r["throughput_per_s"],
+                    r["p50_us"] / 1000,
+                    r["p99_us"] / 1000,
+                    r["server"]["queue_us"],
+                    r["server"]["compute_input_us"],
+                    r["server"]["compute_infer_us"],
+                    r["server"]["compute_output_us"],
+                    r["server"]["overhead_us"],
+                    r["server"]["execution_count"] / max(1, r["server"]["success_count"]),
+                ]
+                for r in pa["rows"]
+            ],
+        ),
+        "",
+    ]
 
 
 def plot(report: dict[str, Any], path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
 
 from service.front.asgi import JSON, Request, Response, json_response
@@ -26,12 +28,17 @@ async def predict(ctx: Context, request: Request) -> Response:
         declared = request.content_length()
         ctx.decoder.admit(declared)
         body = await request.body(settings.max_request_bytes, declared)
+        decoding = time.perf_counter()
         inputs = await ctx.decoder(
             len(body), decode_v1_body, body, settings.max_json_depth, served.config
         )
         pending = ctx.protocol.submit(served, inputs, None, place=place)
+        decode_seconds = time.perf_counter() - decoding
     outputs = await request.until_disconnected(pending)
-    return Response(200, orjson.dumps(encode_v1(outputs, served.config)), [(b"content-type", JSON)])
+    encoding = time.perf_counter()
+    payload = orjson.dumps(encode_v1(outputs, served.config))
+    ctx.metrics.on_codec(served.config.name, decode_seconds, time.perf_counter() - encoding)
+    return Response(200, payload, [(b"content-type", JSON)])
 
 
 def routes() -> list[Route]:

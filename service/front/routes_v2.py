@@ -3,6 +3,8 @@ service.protocol calls and back."""
 
 from __future__ import annotations
 
+import time
+
 from service.front.asgi import Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
@@ -68,13 +70,16 @@ async def infer(ctx: Context, request: Request) -> Response:
         ctx.decoder.admit(declared)
         body = await request.body(settings.max_request_bytes, declared)
         check = served.model.signature.check_declared
+        decoding = time.perf_counter()
         decoded = await ctx.decoder(
             len(body), decode_infer_request, body, json_length, settings.limits, check
         )
         pending = ctx.protocol.submit(
             served, decoded.inputs, decoded.timeout_ms, decoded.outputs, place
         )
+        decode_seconds = time.perf_counter() - decoding
     outputs = await request.until_disconnected(pending)
+    encoding = time.perf_counter()
     payload, headers = encode_infer_response(
         served.config.name,
         served.version,
@@ -83,6 +88,7 @@ async def infer(ctx: Context, request: Request) -> Response:
         decoded.outputs,
         decoded.binary_output,
     )
+    ctx.metrics.on_codec(served.config.name, decode_seconds, time.perf_counter() - encoding)
     return Response(200, payload, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
 
 

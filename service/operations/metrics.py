@@ -33,7 +33,13 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 @dataclass
 class ModelStats:
-    """Counters behind Triton's ``GET /v2/models/stats`` (durations in nanoseconds)."""
+    """Counters behind Triton's ``GET /v2/models/stats`` (durations in nanoseconds).
+
+    As Triton counts them: ``compute_*`` once per request whose batch ran, each request
+    charged its whole batch's time (a batch of 8 adds 8 counts and 8x its infer time), so
+    the three counts are equal (perf_analyzer aborts otherwise) and, with ``queue``, add up
+    to at most each request's own duration. ``batch_sizes`` holds each batch once.
+    """
 
     inference_count: int = 0  # rows inferred
     execution_count: int = 0  # batches run
@@ -41,10 +47,12 @@ class ModelStats:
     success_ns: int = 0
     fail_count: int = 0
     fail_ns: int = 0
+    queue_count: int = 0
     queue_ns: int = 0
-    compute_ns: int = 0
-    compute_input_ns: int = 0
-    compute_output_ns: int = 0
+    compute_count: int = 0  # requests whose batch ran without error
+    compute_input_ns: int = 0  # decode, validate and queue the request, merge its batch
+    compute_infer_ns: int = 0  # its batch's onnxruntime time
+    compute_output_ns: int = 0  # split its batch, encode the response
     last_inference_ms: int = 0
     # rows -> [count, infer ns, input ns, output ns]
     batch_sizes: dict[int, list[int]] = field(default_factory=dict)
@@ -146,6 +154,21 @@ class Metrics:
             ["model", "batch_size"],
             registry=self.registry,
         )
+        # Triton's per-request compute statistics: every request of a batch that ran is
+        # charged the batch's time, plus its own decoding (input) and encoding (output).
+        self.compute_requests = Counter(
+            "normserve_model_compute_requests",
+            "Requests whose batch ran without error (Triton's compute counts).",
+            ["model"],
+            registry=self.registry,
+        )
+        self.compute_request_seconds = Counter(
+            "normserve_model_compute_request_seconds",
+            "Per request, summed: input = decode + validate + merge its batch, infer = its "
+            "batch's onnxruntime time, output = split its batch + encode the response.",
+            ["model", "phase"],
+            registry=self.registry,
+        )
         self.last_inference = Gauge(
             "normserve_last_inference_timestamp_seconds",
             "When the model last finished a batch (Unix time).",
@@ -156,6 +179,7 @@ class Metrics:
         # Labelled children, looked up once per label combination (see _children).
         self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
         self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
+        self._compute_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
         self._execution_children: dict[
             tuple[str, int], tuple[Counter, Counter, Counter, Counter]
         ] = {}
@@ -206,7 +230,31 @@ class Metrics:
             infer.inc(record.compute_seconds)
             merge.inc(record.input_seconds)
             split.inc(record.output_seconds)
+            requests, c_input, c_infer, c_output = self._compute(model)
+            n = record.requests
+            requests.inc(n)
+            c_input.inc(n * record.input_seconds)
+            c_infer.inc(n * record.compute_seconds)
+            c_output.inc(n * record.output_seconds)
             last_inference.set(time.time())
+
+    def on_codec(self, model: str, decode_seconds: float, encode_seconds: float) -> None:
+        """One answered request's own decoding and encoding (Triton's compute_input and
+        compute_output beyond its batch's share); only for requests that ran, as counted."""
+        _, c_input, _, c_output = self._compute(model)
+        c_input.inc(decode_seconds)
+        c_output.inc(encode_seconds)
+
+    def _compute(self, model: str) -> tuple[Counter, Counter, Counter, Counter]:
+        children = self._compute_children.get(model)
+        if children is None:
+            children = self._compute_children[model] = (
+                self.compute_requests.labels(model),
+                self.compute_request_seconds.labels(model, "input"),
+                self.compute_request_seconds.labels(model, "infer"),
+                self.compute_request_seconds.labels(model, "output"),
+            )
+        return children
 
     def on_request(
         self, model: str, protocol: str, status: int, seconds: float, counted: bool
@@ -273,8 +321,18 @@ def _add_sample(stats: ModelStats, name: str, sample: Sample) -> None:
             stats.fail_ns += _ns(value)
     elif name == "normserve_queue_duration_seconds_sum":
         stats.queue_ns += _ns(value)
-    elif name == "normserve_compute_duration_seconds_sum":
-        stats.compute_ns += _ns(value)
+    elif name == "normserve_queue_duration_seconds_count":
+        stats.queue_count += int(value)
+    elif name == "normserve_model_compute_requests_total":
+        stats.compute_count += int(value)
+    elif name == "normserve_model_compute_request_seconds_total":
+        phase = labels["phase"]
+        if phase == "input":
+            stats.compute_input_ns += _ns(value)
+        elif phase == "infer":
+            stats.compute_infer_ns += _ns(value)
+        else:
+            stats.compute_output_ns += _ns(value)
     elif name == "normserve_executions_total":
         rows, count = int(labels["batch_size"]), int(value)
         stats.execution_count += count
@@ -284,10 +342,8 @@ def _add_sample(stats: ModelStats, name: str, sample: Sample) -> None:
         _batch(stats, labels)[1] += _ns(value)
     elif name == "normserve_execution_input_seconds_total":
         _batch(stats, labels)[2] += _ns(value)
-        stats.compute_input_ns += _ns(value)
     elif name == "normserve_execution_output_seconds_total":
         _batch(stats, labels)[3] += _ns(value)
-        stats.compute_output_ns += _ns(value)
     elif name == "normserve_last_inference_timestamp_seconds" and value > 0:
         stats.last_inference_ms = max(stats.last_inference_ms, int(value * 1000))
 

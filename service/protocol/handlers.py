@@ -179,11 +179,12 @@ def _stats(served: Served, s: ModelStats) -> dict[str, Any]:
         "inference_stats": {
             "success": pair(s.success_count, s.success_ns),
             "fail": pair(s.fail_count, s.fail_ns),
-            "queue": pair(s.success_count + s.fail_count, s.queue_ns),
-            # One of each per batch, so the three counts are equal (perf_analyzer checks).
-            "compute_input": pair(s.execution_count, s.compute_input_ns),
-            "compute_infer": pair(s.execution_count, s.compute_ns),
-            "compute_output": pair(s.execution_count, s.compute_output_ns),
+            "queue": pair(s.queue_count, s.queue_ns),
+            # Per request, as Triton counts (see ModelStats): equal counts, which
+            # perf_analyzer checks.
+            "compute_input": pair(s.compute_count, s.compute_input_ns),
+            "compute_infer": pair(s.compute_count, s.compute_infer_ns),
+            "compute_output": pair(s.compute_count, s.compute_output_ns),
             "cache_hit": zero,
             "cache_miss": zero,
         },

@@ -84,6 +84,19 @@ def test_overload_is_measured_with_answers_and_refusals(smoke_report: dict[str, 
     assert all(g["met"] in (True, False) and "refused/s" in g["detail"] for g in goals)
 
 
+def test_perf_analyzer_rows_beside_wrk(smoke_report: dict[str, Any]) -> None:
+    pa = smoke_report["http"]["cifar_cnn"]["perf_analyzer"]
+    if "skipped" in pa:
+        pytest.skip(f"perf_analyzer: {pa['skipped']}")
+    assert {(r["format"], r["concurrency"]) for r in pa["rows"]} == {
+        (f, c) for f in ("v2-binary", "v2-json") for c in (1, 64)
+    }
+    for row in pa["rows"]:
+        server = row["server"]
+        assert row["throughput_per_s"] > 0 and server["success_count"] > 0, row
+        assert server["compute_infer_us"] > 0 and server["compute_input_us"] > 0, row
+
+
 def test_goals_are_reported_with_ratios(smoke_report: dict[str, Any]) -> None:
     goals = {g["goal"]: g for g in smoke_report["goals"]}
     key = "cifar_cnn: v2-binary at c=64 vs in-process onnxruntime b32 (2 threads)"

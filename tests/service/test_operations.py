@@ -105,6 +105,10 @@ def test_two_workers_split_the_cpu_budget_and_share_one_metrics_and_stats_view(
             entry = stats["model_stats"][0]
             assert entry["inference_stats"]["success"]["count"] == requests, entry
             assert entry["inference_count"] == requests, entry  # one row per request
+            # Triton's compute counts: per request that ran, summed over the workers too.
+            phases = entry["inference_stats"]
+            assert phases["compute_input"]["count"] == requests, entry
+            assert phases["compute_output"]["count"] == phases["compute_infer"]["count"], entry
             batches = sum(b["compute_infer"]["count"] for b in entry["batch_stats"])
             assert batches == entry["execution_count"] >= 1, entry
         writers = {f.stem.rsplit("_", 1)[-1] for f in shared.glob("counter_*.db")}
