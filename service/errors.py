@@ -45,6 +45,10 @@ class DeadlineExceeded(NormserveError):
     """The request's timeout passed before its inference could run (HTTP 504)."""
 
 
+class UnsupportedEncoding(NormserveError):
+    """The request body's content coding is not one the service decodes (HTTP 415)."""
+
+
 class PayloadTooLarge(NormserveError):
     """The request body exceeds the configured limit (HTTP 413)."""
 

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import orjson
 
 from service.errors import ClientDisconnected, PayloadTooLarge
+from service.front.encoding import Inflater, request_coding
 from service.protocol.request_limits import header_int
 
 Scope = MutableMapping[str, Any]
@@ -56,9 +57,13 @@ class Request:
 
     async def body(self, limit: int, declared: int | None) -> bytes:
         """The body, refused with 413 past ``limit`` bytes (``declared``, the request's
-        Content-Length, first, then counted while streaming)."""
+        Content-Length, first, then counted while streaming); a compressed body
+        (Content-Encoding) is inflated as it arrives and its inflated size bounded too."""
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+        coding = request_coding(self.header(b"content-encoding"))
+        if coding is not None:
+            return await self._inflated(Inflater(coding, limit), limit)
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -74,6 +79,21 @@ class Request:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _inflated(self, inflater: Inflater, limit: int) -> bytes:
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected("the client disconnected while sending its body")
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+                await inflater.feed(chunk)
+            if not message.get("more_body", False):
+                return inflater.finish()
 
     async def until_disconnected(self, result: asyncio.Future[T]) -> T:
         """``result``, or cancel it when the client goes away first.

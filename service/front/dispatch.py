@@ -15,6 +15,7 @@ import time
 from service.errors import NormserveError
 from service.front.asgi import Receive, Request, Response, Scope, Send, send_response
 from service.front.context import Context
+from service.front.encoding import compress, response_coding
 from service.front.errors import domain_error_response, error_response, internal_error_response
 from service.front.routing import MethodNotAllowed, NoRoute, Route, Router
 from service.operations.access import MAX_ID_BYTES, log_access, new_request_id
@@ -82,6 +83,8 @@ class HttpFront:
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
             response = internal_error_response()
+        if response.status == 200 and route is not None and route.inference is not None:
+            _compress(response, scope)
         # Sent even for a client that went away (499): the server drops it then.
         await self._send(send, response, request_id, method)
         self._done(scope, route, params, response.status, started, request_id)
@@ -124,3 +127,17 @@ def _request_id(scope: Scope) -> bytes:
         if name == b"x-request-id":
             return value[:MAX_ID_BYTES] or new_request_id()
     return new_request_id()
+
+
+def _compress(response: Response, scope: Scope) -> None:
+    """An inference answer in the coding the client's Accept-Encoding asks for.
+
+    Only inference answers, as Triton does: tritonclient's aio client leaves aiohttp's default
+    ``Accept-Encoding: gzip, deflate`` on every call but decompresses only inference results
+    (its metadata calls would fail on a gzipped body), and error bodies are read uncompressed.
+    """
+    accept = next((v for k, v in scope["headers"] if k == b"accept-encoding"), None)
+    coding = response_coding(accept.decode("latin-1")) if accept is not None else None
+    if coding is not None and response.body:
+        response.body = compress(response.body, coding)
+        response.headers += [(b"content-encoding", coding.encode()), (b"vary", b"accept-encoding")]

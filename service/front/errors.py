@@ -19,6 +19,7 @@ from service.errors import (
     Overloaded,
     PayloadTooLarge,
     ResourceNotFound,
+    UnsupportedEncoding,
 )
 from service.front.asgi import JSON, Response
 
@@ -28,6 +29,7 @@ STATUS: list[tuple[type[NormserveError], int]] = [
     (ModelNotFound, 404),
     (ResourceNotFound, 404),
     (PayloadTooLarge, 413),
+    (UnsupportedEncoding, 415),
     (Overloaded, 503),
     (ModelNotReady, 503),
     (DeadlineExceeded, 504),

@@ -7,6 +7,7 @@ still live afterwards. None may be a 500: a client mistake is never the server's
 
 from __future__ import annotations
 
+import gzip
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -111,6 +112,28 @@ CASES: dict[str, Case] = {
         r"not valid JSON",
     ),
     "json-string-not-object": Case(V2, b'"hello"', 400, r"must be a JSON object"),
+    # --- compressed bodies (Content-Encoding): the inflated size is bounded like a plain body
+    "gzip-bomb": Case(
+        V2,
+        Body(gzip.compress(b" " * (BODY_LIMIT + 1)), {"Content-Encoding": "gzip"}),
+        413,
+        r"exceeds the limit of 16777216 bytes once decompressed",
+    ),
+    "gzip-bomb-v1": Case(
+        V1,
+        Body(gzip.compress(b" " * (BODY_LIMIT + 1)), {"Content-Encoding": "gzip"}),
+        413,
+        r"once decompressed",
+    ),
+    "content-encoding-unsupported": Case(
+        V2, Body(v2(), {"Content-Encoding": "zstd"}), 415, r"'zstd' is not supported"
+    ),
+    "gzip-claimed-not-gzip": Case(
+        V2, Body(v2(), {"Content-Encoding": "gzip"}), 400, r"not valid gzip data"
+    ),
+    "gzip-truncated": Case(
+        V2, Body(gzip.compress(v2())[:-9], {"Content-Encoding": "gzip"}), 400, r"truncated gzip"
+    ),
     # --- inputs and outputs
     "no-inputs-key": Case(V2, b'{"id": "x"}', 400, r"no 'inputs'"),
     "inputs-empty": Case(V2, b'{"inputs": []}', 400, r"'inputs' is empty"),
