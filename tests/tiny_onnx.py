@@ -111,3 +111,96 @@ def save_checked(graph: onnx.GraphProto, path: Path) -> Path:
     onnx.checker.check_model(model, full_check=True)
     onnx.save_model(model, str(path))
     return path
+
+
+# Triton's example models, as its Python client examples expect them (simple_http_infer_client
+# and friends): INPUT0 and INPUT1 of 16 elements per row, OUTPUT0 = INPUT0 + INPUT1 and
+# OUTPUT1 = INPUT0 - INPUT1, max_batch_size 8. `simple` holds INT32; `simple_string` holds
+# the same numbers as decimal text (BYTES), parsed and printed by Cast nodes. torch cannot
+# express string tensors, hence onnx.helper.
+EXAMPLE_WIDTH = 16
+
+
+def write_simple_onnx(path: Path, element: int = TensorProto.INT32) -> Path:
+    """OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1; strings parsed as INT32."""
+    text = element == TensorProto.STRING
+    nodes = []
+    a, b = "INPUT0", "INPUT1"
+    if text:
+        nodes += [
+            helper.make_node("Cast", ["INPUT0"], ["a"], to=TensorProto.INT32),
+            helper.make_node("Cast", ["INPUT1"], ["b"], to=TensorProto.INT32),
+        ]
+        a, b = "a", "b"
+    total, difference = ("sum", "difference") if text else ("OUTPUT0", "OUTPUT1")
+    nodes += [
+        helper.make_node("Add", [a, b], [total]),
+        helper.make_node("Sub", [a, b], [difference]),
+    ]
+    if text:
+        nodes += [
+            helper.make_node("Cast", ["sum"], ["OUTPUT0"], to=TensorProto.STRING),
+            helper.make_node("Cast", ["difference"], ["OUTPUT1"], to=TensorProto.STRING),
+        ]
+
+    def value(name: str) -> onnx.ValueInfoProto:
+        return helper.make_tensor_value_info(name, element, ["batch", EXAMPLE_WIDTH])
+
+    graph = helper.make_graph(
+        nodes,
+        "simple_string" if text else "simple",
+        [value("INPUT0"), value("INPUT1")],
+        [value("OUTPUT0"), value("OUTPUT1")],
+    )
+    return save_checked(graph, path)
+
+
+def write_identity_onnx(path: Path) -> Path:
+    """Triton's ``simple_identity``: OUTPUT0 = INPUT0, 16 strings a row."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["INPUT0"], ["OUTPUT0"])],
+        "simple_identity",
+        [helper.make_tensor_value_info("INPUT0", TensorProto.STRING, ["batch", EXAMPLE_WIDTH])],
+        [helper.make_tensor_value_info("OUTPUT0", TensorProto.STRING, ["batch", EXAMPLE_WIDTH])],
+    )
+    return save_checked(graph, path)
+
+
+def triton_examples_repository(root: Path) -> Path:
+    """A repository with Triton's ``simple`` (INT32), ``simple_string`` and
+    ``simple_identity`` (BYTES)."""
+    repository = root / "repository"
+    identity = write_identity_onnx(root / "simple_identity-source.onnx")
+    width = [-1, EXAMPLE_WIDTH]
+    install_source(
+        root,
+        identity,
+        {
+            "name": "simple_identity",
+            "inputs": [TensorSpec(name="INPUT0", datatype="BYTES", shape=width).model_dump()],
+            "outputs": [TensorSpec(name="OUTPUT0", datatype="BYTES", shape=width).model_dump()],
+            "max_batch_size": 8,
+        },
+    )
+    for name, element, datatype in (
+        ("simple", TensorProto.INT32, "INT32"),
+        ("simple_string", TensorProto.STRING, "BYTES"),
+    ):
+        source = write_simple_onnx(root / f"{name}-source.onnx", element)
+
+        def specs(*names: str, datatype: str = datatype) -> list[dict[str, object]]:
+            shape = [-1, EXAMPLE_WIDTH]
+            return [TensorSpec(name=n, datatype=datatype, shape=shape).model_dump() for n in names]
+
+        repository = install_source(
+            root,
+            source,
+            {
+                "name": name,
+                "inputs": specs("INPUT0", "INPUT1"),
+                "outputs": specs("OUTPUT0", "OUTPUT1"),
+                "max_batch_size": 8,
+                "description": f"Triton's example model '{name}' (sum and difference)",
+            },
+        )
+    return repository

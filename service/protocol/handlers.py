@@ -161,8 +161,10 @@ class Protocol:
 
 
 def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:
-    # Triton's dims leave out the batch axis when max_batch_size > 0.
-    return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": spec.shape[1:]}
+    # Triton's dims leave out the batch axis when max_batch_size > 0; its configuration
+    # calls BYTES TYPE_STRING (clients and perf_analyzer map it back).
+    data_type = "TYPE_STRING" if spec.datatype == "BYTES" else f"TYPE_{spec.datatype}"
+    return {"name": spec.name, "data_type": data_type, "dims": spec.shape[1:]}
 
 
 def _stats(served: Served, s: ModelStats) -> dict[str, Any]:

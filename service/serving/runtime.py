@@ -7,6 +7,7 @@ onnxruntime exception string.
 
 from __future__ import annotations
 
+import logging
 import queue
 import time
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ from service.datatypes import DATATYPE_TO_NUMPY
 from service.errors import RepositoryError
 from service.repository import ModelConfig, ModelVersion, TensorSpec
 from service.serving.signature import Signature
+
+log = logging.getLogger("normserve.runtime")
 
 _LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -193,10 +196,35 @@ class OnnxModel:
         return dict(zip(names, results, strict=True))
 
     def warmup(self) -> float:
-        """One inference on zeros so the first request pays no lazy initialisation; seconds."""
+        """One inference on example rows so the first request pays no lazy initialisation;
+        seconds.
+
+        Numbers are zeros. String inputs are "0" first (text that string models which parse
+        numbers, like Triton's simple_string, accept), then "": what a string model accepts
+        cannot be known from its signature, so when neither runs, a model with string inputs
+        is served without warm-up (logged) rather than refused; any other model's failure
+        is raised.
+        """
         started = time.perf_counter()
-        self.run({s.name: _example(s) for s in self.inputs})
+        has_text = any(s.datatype == "BYTES" for s in self.inputs)
+        for text in ("0", "") if has_text else ("",):
+            try:
+                self.run({s.name: _example(s, text) for s in self.inputs})
+                return time.perf_counter() - started
+            except Exception as exc:
+                failure = exc
+        if not has_text:
+            raise failure
+        log.warning(
+            "model '%s': no warm-up (its string inputs refused \"0\" and \"\": %s)",
+            self.name,
+            _first_line(str(failure)),
+        )
         return time.perf_counter() - started
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0][:200] if message.strip() else "no message"
 
 
 def _load_failure(message: str) -> str:
@@ -213,9 +241,9 @@ def _load_failure(message: str) -> str:
     return "the model is invalid or uses an unsupported operator (see the server log)"
 
 
-def _example(spec: TensorSpec) -> np.ndarray:
-    """One row of zeros (empty strings for BYTES) in the shape ``spec`` accepts."""
+def _example(spec: TensorSpec, text: str) -> np.ndarray:
+    """One row of zeros (``text`` for BYTES) in the shape ``spec`` accepts."""
     shape = [1, *[max(d, 1) for d in spec.shape[1:]]]
     if spec.datatype == "BYTES":
-        return np.full(shape, b"", dtype=np.object_)
+        return np.full(shape, text, dtype=np.object_)
     return np.zeros(shape, DATATYPE_TO_NUMPY[spec.datatype])

@@ -100,6 +100,8 @@ def _shown(shape: list[int]) -> str:
 
 
 def _check_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    if spec.datatype == "BYTES":
+        return _as_text(spec, array)
     if array.dtype.kind == "f" and not np.isfinite(array).all():
         bad = int(np.flatnonzero(~np.isfinite(array.reshape(-1)))[0])
         raise InvalidInput(
@@ -107,6 +109,26 @@ def _check_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
             f"{array.reshape(-1)[bad]}"
         )
     return np.ascontiguousarray(array)
+
+
+def _as_text(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
+    """A BYTES input as onnxruntime takes a string tensor: str elements. Its Python binding
+    reads any other object through str() (b'7' would become the text "b'7'"), and it holds
+    no bytes that are not text, so those are refused here."""
+    flat = array.reshape(-1)
+    text = np.empty(flat.shape, dtype=np.object_)
+    for index, value in enumerate(flat):
+        if isinstance(value, str):
+            text[index] = value
+            continue
+        try:
+            text[index] = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"input '{spec.name}': BYTES element {index} (row-major) is not UTF-8 text; "
+                "the model's string tensors hold text only"
+            ) from None
+    return text.reshape(array.shape)
 
 
 def _unbatched_hint(spec: TensorSpec, shape: list[int]) -> str:
