@@ -23,7 +23,7 @@ from pathlib import Path
 import orjson
 
 from service.errors import ResourceNotFound
-from service.front.asgi import Request, Response
+from service.front.asgi import Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
 from service.webdata import BUILD_COMMAND, REPORT_COMMAND, available_plots, report_plot
@@ -95,8 +95,16 @@ _PAGE = PageFiles()
 
 
 async def index(ctx: Context, request: Request) -> Response:
+    """The page for browsers; KServe V1 liveness, ``{"status": "alive"}``, for any client that
+    does not ask for HTML (KServe's SDK checks liveness with ``GET /``)."""
+    if "text/html" not in (request.header(b"accept") or ""):
+        alive = json_response({"status": "alive"})
+        alive.headers.append((b"vary", b"accept"))
+        return alive
     page = _PAGE.get("index.html")
-    return _respond(request, page.body, page.content_type, page.etag)
+    response = _respond(request, page.body, page.content_type, page.etag)
+    response.headers.append((b"vary", b"accept"))
+    return response
 
 
 async def page_file(ctx: Context, request: Request) -> Response:
@@ -138,7 +146,9 @@ async def report(ctx: Context, request: Request) -> Response:
 def routes() -> list[Route]:
     tag = "web page"
     return [
-        Route("GET", "/", index, "The web page", tag, media_type="text/html", errors=(404,)),
+        Route("GET", "/", index,
+              "The web page (Accept: text/html); otherwise KServe V1 liveness: "
+              '{"status": "alive"}', tag, media_type="text/html", errors=(404,)),
         Route("GET", "/ui/info.json", info, "What the page can show", tag),
         Route("GET", "/ui/samples.json", samples, "The digits test samples", tag,
               errors=(404,)),

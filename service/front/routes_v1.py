@@ -13,6 +13,10 @@ from service.protocol.v1 import decode_v1_body, encode_v1
 from service.serving.store import Served
 
 
+async def models(ctx: Context, request: Request) -> Response:
+    return json_response(ctx.protocol.v1_models())
+
+
 async def model_status(ctx: Context, request: Request) -> Response:
     return json_response(ctx.protocol.v1_model_status(request.params["model_name"]))
 
@@ -43,6 +47,8 @@ async def predict(ctx: Context, request: Request) -> Response:
 
 def routes() -> list[Route]:
     return [
+        Route("GET", "/v1/models", models, "The models ready to serve (KServe V1 list)", "v1",
+              answer="V1Models"),
         Route("GET", "/v1/models/{model_name}", model_status,
               "Model status, signature and labels", "v1", answer="V1ModelStatus",
               errors=(400, 404, 503)),

@@ -83,7 +83,9 @@ async def infer(ctx: Context, request: Request) -> Response:
     payload, headers = encode_infer_response(
         served.config.name,
         served.version,
-        decoded.id,
+        # Always an id (KServe's response model requires one): the client's, else this
+        # request's X-Request-ID (the client's header or the one made for the access log).
+        decoded.id if decoded.id is not None else request.request_id.decode("latin-1"),
         outputs,
         decoded.outputs,
         decoded.binary_output,

@@ -84,7 +84,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         },
     ),
     "InferenceResponse": _object(
-        ["model_name", "outputs"],
+        ["model_name", "id", "outputs"],
         model_name=_STRING,
         model_version=_STRING,
         id=_STRING,
@@ -101,6 +101,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             },
         },
     ),
+    "V1Models": _object(["models"], models={"type": "array", "items": _STRING}),
     "V1ModelStatus": _object(
         ["name", "ready"], name=_STRING, ready=_BOOL, version=_STRING, labels={"type": "array"}
     ),

@@ -75,6 +75,10 @@ class Protocol:
             },
         }
 
+    def v1_models(self) -> dict[str, Any]:
+        """KServe V1's ``GET /v1/models``: the names of the models ready to serve."""
+        return {"models": sorted(self.store.served)}
+
     def v1_model_status(self, name: str) -> dict[str, Any]:
         """V1's ``GET /v1/models/{m}``: readiness, signature and labels of the served version."""
         served = self.store.get(name)

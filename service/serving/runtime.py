@@ -216,7 +216,7 @@ class OnnxModel:
         if not has_text:
             raise failure
         log.warning(
-            "model '%s': no warm-up (its string inputs refused \"0\" and \"\": %s)",
+            'model \'%s\': no warm-up (its string inputs refused "0" and "": %s)',
             self.name,
             _first_line(str(failure)),
         )

@@ -72,9 +72,13 @@ def _raw_get(app: NormserveApp, path: str) -> tuple[int, bytes]:
     return messages[0]["status"], b"".join(m.get("body", b"") for m in messages[1:])
 
 
+# What browsers send for a page; without text/html, "/" is KServe's V1 liveness instead.
+BROWSER = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+
+
 def test_index_has_a_strict_policy_and_revalidates(repository: Path, report_dir: Path) -> None:
     with _client(repository, report_dir) as client:
-        response = client.get("/")
+        response = client.get("/", headers=BROWSER)
         assert response.status_code == 200
         assert response.headers["content-type"] == "text/html; charset=utf-8"
         assert response.content == (PAGE_DIR / "index.html").read_bytes()
@@ -86,10 +90,24 @@ def test_index_has_a_strict_policy_and_revalidates(repository: Path, report_dir:
         assert response.headers["x-content-type-options"] == "nosniff"
         assert response.headers["cache-control"] == "no-cache"
         etag = response.headers["etag"]
-        again = client.get("/", headers={"If-None-Match": etag})
+        again = client.get("/", headers={**BROWSER, "If-None-Match": etag})
         assert again.status_code == 304 and again.content == b""
-        changed = client.get("/", headers={"If-None-Match": '"other"'})
+        changed = client.get("/", headers={**BROWSER, "If-None-Match": '"other"'})
         assert changed.status_code == 200
+
+
+@pytest.mark.parametrize("accept", [None, "*/*", "application/json"])
+def test_root_is_kserve_v1_liveness_for_clients_that_do_not_ask_for_html(
+    repository: Path, report_dir: Path, accept: str | None
+) -> None:
+    with _client(repository, report_dir) as client:
+        headers = {"Accept": accept} if accept is not None else {}
+        if accept is None:
+            client.headers.pop("accept", None)
+        response = client.get("/", headers=headers)
+    assert response.status_code == 200
+    assert response.json() == {"status": "alive"}
+    assert response.headers["vary"] == "accept"
 
 
 @pytest.mark.parametrize("name", PAGE_FILES)
