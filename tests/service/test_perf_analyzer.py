@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 from servers import RunningServer, running_server
-from tiny_onnx import tiny_repository
+from tiny_onnx import tiny_repository, triton_examples_repository
 
 from benchmarks.perf_analyzer import PerfResult, perf_analyzer_available, run_perf_analyzer
 
@@ -30,12 +30,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
     if reason is not None:
         pytest.skip(f"perf_analyzer cannot be had: {reason}")
     root = tmp_path_factory.mktemp("perf")
-    with running_server(tiny_repository(root), root) as running:
+    tiny_repository(root)  # both install into root/repository
+    with running_server(triton_examples_repository(root), root) as running:
         yield running
 
 
-def stats(server: RunningServer) -> dict[str, Any]:
-    entry: dict[str, Any] = httpx.get(f"{server.http_url}/v2/models/tiny/stats").json()[
+def stats(server: RunningServer, model: str = "tiny") -> dict[str, Any]:
+    entry: dict[str, Any] = httpx.get(f"{server.http_url}/v2/models/{model}/stats").json()[
         "model_stats"
     ][0]
     return entry
@@ -75,3 +76,20 @@ def test_perf_analyzer_completes_with_a_sane_server_breakdown(
     counts = {phases[p]["count"] for p in ("compute_input", "compute_infer", "compute_output")}
     assert counts == {phases["success"]["count"]}
     assert after["last_inference"] >= max(1, before["last_inference"])
+
+
+def test_perf_analyzer_drives_a_string_model(server: RunningServer, tmp_path: Path) -> None:
+    """BYTES inputs as perf_analyzer makes them (every element the text "7"), binary form."""
+    result = run_perf_analyzer(
+        server.url,
+        "simple_string",
+        concurrency=2,
+        request_count=100,
+        stability_percent=100,
+        max_trials=5,
+        workdir=tmp_path,
+        extra_args=("--string-data", "7"),
+    )
+    assert result.server.success_count > 0 and result.server.compute_infer_us > 0
+    phases = stats(server, "simple_string")["inference_stats"]
+    assert phases["fail"]["count"] == 0 and phases["compute_infer"]["count"] > 0
