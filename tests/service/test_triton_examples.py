@@ -65,18 +65,28 @@ def check_sum_and_difference(result: Any, in1: np.ndarray) -> None:
 # ------------------------------------------------------------------ simple_http_infer_client
 
 
-def test_simple_http_infer_client(client: httpclient.InferenceServerClient) -> None:
+@pytest.mark.parametrize("compression", [None, "gzip", "deflate"])
+def test_simple_http_infer_client(
+    client: httpclient.InferenceServerClient, compression: str | None
+) -> None:
+    """Also as run with --request-compression-algorithm / --response-compression-algorithm."""
     outputs = [
         httpclient.InferRequestedOutput("OUTPUT0", binary_data=True),
         httpclient.InferRequestedOutput("OUTPUT1", binary_data=False),
     ]
-    query = {"test_1": 1, "test_2": 2}
+    options: dict[str, Any] = {
+        "query_params": {"test_1": 1, "test_2": 2},
+        "headers": {"X-Example": "1"},
+        "request_compression_algorithm": compression,
+        "response_compression_algorithm": compression,
+    }
     result = client.infer(
-        "simple", simple_inputs(httpclient, MINUS_ONES), outputs=outputs, query_params=query
+        "simple", simple_inputs(httpclient, MINUS_ONES), outputs=outputs, **options
     )
     check_sum_and_difference(result, MINUS_ONES)
-    assert len(client.get_inference_statistics(model_name="simple")["model_stats"]) == 1
-    result = client.infer("simple", simple_inputs(httpclient, MINUS_ONES), query_params=query)
+    stats = client.get_inference_statistics(model_name="simple", headers={"X-Example": "1"})
+    assert len(stats["model_stats"]) == 1
+    result = client.infer("simple", simple_inputs(httpclient, MINUS_ONES), **options)
     check_sum_and_difference(result, MINUS_ONES)
     with pytest.raises(InferenceServerException) as caught:
         client.infer("wrong_model_name", simple_inputs(httpclient, MINUS_ONES), outputs=outputs)
