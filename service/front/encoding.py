@@ -56,15 +56,19 @@ class Inflater:
         self._chunks: list[bytes] = []
         self._inflater = zlib.decompressobj(_WBITS[coding])
         self._started = False
+        self._head = b""
 
     async def feed(self, data: bytes) -> None:
-        if self.coding == "deflate" and not self._started and data:
-            # A zlib stream starts with CMF/FLG whose 16-bit value is a multiple of 31;
-            # anything else is taken as raw deflate.
-            header = data[:2]
-            if len(header) == 2 and (header[0] << 8 | header[1]) % 31 != 0:
+        if not self._started:
+            # "deflate" is the zlib format, or raw deflate from some clients: told apart by
+            # the first two bytes, which may arrive in separate chunks.
+            self._head += data
+            if self.coding == "deflate" and len(self._head) < 2:
+                return
+            data, self._head = self._head, b""
+            self._started = True
+            if self.coding == "deflate" and not _zlib_header(data):
                 self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-        self._started = self._started or bool(data)
         while data:
             if self._inflater.eof:
                 self._next_member()
@@ -95,6 +99,8 @@ class Inflater:
 
     def finish(self) -> bytes:
         """The whole inflated body; InvalidInput when the stream stopped before its end."""
+        if self._head:  # one byte of a deflate body: no stream can be that short
+            raise InvalidInput(f"request body is truncated {self.coding} data")
         if self._started and not self._inflater.eof:
             raise InvalidInput(f"request body is truncated {self.coding} data")
         tail = self._inflater.flush()
@@ -106,6 +112,11 @@ class Inflater:
         if tail:
             self._chunks.append(tail)
         return b"".join(self._chunks)
+
+
+def _zlib_header(data: bytes) -> bool:
+    """CMF (compression method 8, deflate) and FLG, whose 16-bit value is a multiple of 31."""
+    return (data[0] & 0x0F) == 8 and (data[0] << 8 | data[1]) % 31 == 0
 
 
 def response_coding(accept: str | None) -> str | None:

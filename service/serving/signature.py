@@ -114,21 +114,30 @@ def _check_values(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
 def _as_text(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
     """A BYTES input as onnxruntime takes a string tensor: str elements. Its Python binding
     reads any other object through str() (b'7' would become the text "b'7'"), and it holds
-    no bytes that are not text, so those are refused here."""
-    flat = array.reshape(-1)
-    text = np.empty(flat.shape, dtype=np.object_)
-    for index, value in enumerate(flat):
-        if isinstance(value, str):
-            text[index] = value
-            continue
-        try:
-            text[index] = bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInput(
-                f"input '{spec.name}': BYTES element {index} (row-major) is not UTF-8 text; "
-                "the model's string tensors hold text only"
-            ) from None
+    no bytes that are not text, so those are refused here. One C-level pass per element
+    (str.decode in a comprehension); the slow search for the culprit runs only on failure."""
+    flat = array.reshape(-1).tolist()
+    try:
+        texts = [v if isinstance(v, str) else v.decode("utf-8") for v in flat]
+    except (UnicodeDecodeError, AttributeError):
+        index = next(i for i, v in enumerate(flat) if not _is_text(v))
+        raise InvalidInput(
+            f"input '{spec.name}': BYTES element {index} (row-major) is not UTF-8 text; "
+            "the model's string tensors hold text only"
+        ) from None
+    text = np.empty(len(texts), dtype=np.object_)
+    text[:] = texts
     return text.reshape(array.shape)
+
+
+def _is_text(value: object) -> bool:
+    if isinstance(value, str):
+        return True
+    try:
+        bytes(value).decode("utf-8")  # type: ignore[call-overload]
+    except (UnicodeDecodeError, TypeError):
+        return False
+    return True
 
 
 def _unbatched_hint(spec: TensorSpec, shape: list[int]) -> str:

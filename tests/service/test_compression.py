@@ -205,3 +205,29 @@ def test_binary_header_length_is_the_uncompressed_one(server: RunningServer) -> 
     assert status == 200, answer
     (out,) = orjson.loads(answer)["outputs"]
     np.testing.assert_allclose(np.reshape(out["data"], out["shape"]), expected(x), rtol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20], ids=["1-byte", "7-byte", "whole"])
+def test_inflating_does_not_depend_on_how_the_body_is_chunked(chunk: int) -> None:
+    """Any chunking of the body (the two bytes that tell zlib from raw deflate may arrive
+    apart), concatenated gzip members, and an output exactly at the limit."""
+    from service.front.encoding import Inflater
+
+    body = bytes(range(256)) * 2000
+    raw = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    cases = {
+        "gzip": gzip.compress(body),
+        "gzip-members": gzip.compress(body[:1000]) + gzip.compress(body[1000:]),
+        "zlib": zlib.compress(body),
+        "raw-deflate": raw.compress(body) + raw.flush(),
+    }
+
+    async def inflate(coding: str, data: bytes) -> bytes:
+        inflater = Inflater(coding, len(body))
+        for start in range(0, len(data), chunk):
+            await inflater.feed(data[start : start + chunk])
+        return inflater.finish()
+
+    for name, data in cases.items():
+        coding = "gzip" if name.startswith("gzip") else "deflate"
+        assert asyncio.run(inflate(coding, data)) == body, name
