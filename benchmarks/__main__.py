@@ -24,7 +24,11 @@ from benchmarks.engines import benchmark_engines, openvino_available
 from benchmarks.http import Target, load_matrix
 from benchmarks.models import BENCH_MODELS, Exported, export_model
 from benchmarks.overload import overload_benchmark
-from benchmarks.perf_analyzer import perf_analyzer_available, run_perf_analyzer
+from benchmarks.perf_analyzer import (
+    perf_analyzer_available,
+    run_perf_analyzer,
+    write_input_data,
+)
 from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
 from benchmarks.serving import bench_repository, bodies, running_normserve
@@ -301,7 +305,8 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
             f"{args.http_rounds} rounds × {args.duration:.0f} s"
         )
         series = load_matrix(targets, concurrencies, args.http_rounds, args.duration, work, log)
-        result["perf_analyzer"] = perf_analyzer_rows(name, on.url, concurrencies, args, work)
+        data = write_input_data(work / f"perf_analyzer-{name}.json", {"input": sample})
+        result["perf_analyzer"] = perf_analyzer_rows(name, on.url, data, concurrencies, args, work)
         result["rss_after_load_bytes"] = {"normserve": tree_rss_bytes(on.pid)}
         if workers > 1:
             result["rss_after_load_bytes"][multi_server_name(workers)] = tree_rss_bytes(multi.pid)
@@ -320,10 +325,15 @@ def overload(model: Exported, args: argparse.Namespace, work: Path) -> dict[str,
 
 
 def perf_analyzer_rows(
-    model: str, url: str, concurrencies: list[int], args: argparse.Namespace, work: Path
+    model: str,
+    url: str,
+    input_data: str,
+    concurrencies: list[int],
+    args: argparse.Namespace,
+    work: Path,
 ) -> dict[str, Any]:
-    """Triton's own load generator against the same server, binary and JSON, beside wrk's
-    rows: its client latencies and the server-side breakdown it reads from the statistics."""
+    """Triton's own load generator against the same server and sample as wrk, binary and
+    JSON: its client latencies and the server-side breakdown it reads from the statistics."""
     reason = perf_analyzer_available()
     if reason is not None:
         log(f"perf_analyzer skipped: {reason}")
@@ -336,6 +346,7 @@ def perf_analyzer_rows(
                 model,
                 concurrency=concurrency,
                 input_format=fmt,
+                input_data=input_data,
                 window_ms=int(args.duration * 1000),
                 stability_percent=100,  # a shared 2-core VM: report what was measured
                 max_trials=3,

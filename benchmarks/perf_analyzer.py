@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import re
@@ -151,7 +152,7 @@ def run_perf_analyzer(
     concurrency: int = 1,
     input_format: TensorFormat = "binary",
     output_format: TensorFormat | None = None,
-    input_data: str = "random",
+    input_data: str = "zero",
     batch_size: int = 1,
     request_count: int = 500,
     window_ms: int | None = None,
@@ -225,6 +226,18 @@ def run_perf_analyzer(
     return parse_result(
         report.read_text(), proc.stdout, protocol=protocol, input_format=input_format
     )
+
+
+def write_input_data(path: Path, tensors: dict[str, Any]) -> str:
+    """A perf_analyzer ``--input-data`` file holding one request's tensors (numpy arrays,
+    without the batch axis), for ``run_perf_analyzer(input_data=...)``."""
+    entry = {
+        name: {"content": array.ravel().tolist(), "shape": list(array.shape)}
+        for name, array in tensors.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"data": [entry]}))
+    return str(path)
 
 
 def parse_result(csv_text: str, stdout: str, *, protocol: str, input_format: str) -> PerfResult:
