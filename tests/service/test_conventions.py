@@ -103,7 +103,7 @@ def test_kserve_rest_client(server: RunningServer) -> None:
     if importlib.util.find_spec("kserve") is None:
         pytest.skip(
             "the kserve package is not installed (not a project dependency: it pulls in the "
-            "Kubernetes client and pandas and downgrades python-dateutil in this environment)"
+            "Kubernetes client and pandas); pip install kserve to run KServe's own client"
         )
     from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
 
