@@ -83,6 +83,8 @@ SHUTDOWN_GRACE_S = 1.0
 # cost of each connection attempt when every connection is busy.
 EVICTION_SCAN = 64
 
+# The longest a connection refused for overload goes unread (see _hold_off).
+MAX_HOLD_OFF_S = 1.0
 # The lifespan-state key under which the app leaves its early refusal for the connections.
 EARLY_REFUSAL = "normserve.refuse_early"
 
@@ -402,11 +404,28 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 close=not cycle.keep_alive,
             )
         )
-        if cycle.keep_alive:
-            cycle.on_response()  # the next request may come (or a pipelined one start)
-        else:
+        if not cycle.keep_alive:
             self.answered = True
             self._linger()
+            return
+        cycle.on_response()  # the next request may come (or a pipelined one start)
+        retry_after = dict(response.headers).get(b"retry-after")
+        if retry_after is not None and not self.pipeline:
+            self._hold_off(min(MAX_HOLD_OFF_S, float(retry_after)))
+
+    def _hold_off(self, seconds: float) -> None:
+        """Reads nothing more from a client refused for overload until the Retry-After it was
+        given has passed (at most MAX_HOLD_OFF_S). It costs nothing, and a client that sends
+        again at once (wrk does) no longer makes refusals eat the capacity to answer: at 256
+        such connections, refusing a 62 KB body 4,400 times a second took most of the loop's
+        time. A client that waits as told never notices. The refused request's body, still
+        to come, is read and dropped afterwards, within the body timeout."""
+        self.flow.pause_reading()
+        self.loop.call_later(seconds, self._end_hold_off)
+
+    def _end_hold_off(self) -> None:
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
 
     def _linger(self) -> None:
         # First in line for eviction: nothing is expected from this connection any more.

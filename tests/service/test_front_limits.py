@@ -32,6 +32,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.server import ServerState
 
 from service.front import limits
+from service.front.asgi import Response
 from service.front.limits import FrontLimits, GuardedHttpProtocol
 from service.settings import Settings, cpu_budget
 
@@ -529,6 +530,7 @@ class FakeTransport(asyncio.Transport):
         super().__init__()
         self.written = bytearray()
         self.closed = self.eof = False
+        self.reading = True
 
     def write(self, data: Any) -> None:
         self.written += data
@@ -546,10 +548,10 @@ class FakeTransport(asyncio.Transport):
         self.eof = True
 
     def pause_reading(self) -> None:
-        pass
+        self.reading = False
 
     def resume_reading(self) -> None:
-        pass
+        self.reading = True
 
 
 async def echo_length(scope: Any, receive: Any, send: Any) -> None:
@@ -628,3 +630,51 @@ def test_uvicorn_internals_the_guard_relies_on_are_there() -> None:
     # Worker processes get the config pickled: the class travels by its import path.
     config = uvicorn.Config("service.app:app_from_environment", http=GuardedHttpProtocol)
     assert pickle.loads(pickle.dumps(config)).http is GuardedHttpProtocol
+
+
+def test_a_client_refused_for_overload_is_not_read_from_until_its_retry_after(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection answers an early refusal (here the app's admission says 503 with
+    Retry-After) before the body comes, then reads nothing more from that client for the
+    hold-off, then drops the refused body and serves the next request as usual."""
+    monkeypatch.setattr(limits, "MAX_HOLD_OFF_S", 0.2)
+    refused_paths: list[str] = []
+
+    def refuse(scope: dict[str, Any]) -> tuple[Any, bytes] | None:
+        if scope["path"] != "/full":
+            return None
+        refused_paths.append(scope["path"])
+        return Response(503, b'{"error": "overloaded"}', [(b"retry-after", b"1")]), b"id-1"
+
+    async def run() -> tuple[FakeTransport, list[bool]]:
+        limits._limits = FrontLimits(1024, 10.0, 10.0, 10.0, 100)
+        config = uvicorn.Config(echo_length, log_level="warning")
+        protocol = GuardedHttpProtocol(config, ServerState(), {limits.EARLY_REFUSAL: refuse})
+        transport = FakeTransport()
+        protocol.connection_made(transport)
+        protocol.data_received(b"POST /full HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\n")
+        reading = [transport.reading]
+        await asyncio.sleep(0.05)
+        reading.append(transport.reading)
+        await asyncio.sleep(0.5)
+        reading.append(transport.reading)
+        protocol.data_received(b"12345" + request_of(60, b"abc"))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        protocol.connection_lost(None)
+        return transport, reading
+
+    saved = limits._limits
+    try:
+        transport, reading = asyncio.run(run())
+    finally:
+        limits._limits = saved
+    assert refused_paths == ["/full"]
+    assert reading == [False, False, True]
+    first, second = bytes(transport.written).split(b"HTTP/1.1 ")[1:]
+    assert (
+        first.startswith(b"503 ") and b"retry-after: 1" in first and b"x-request-id: id-1" in first
+    )
+    assert b"connection: close" not in first
+    assert second.startswith(b"200 ") and second.endswith(b"\r\n\r\n3"), second
