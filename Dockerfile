@@ -71,6 +71,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     NORMSERVE_HOST=0.0.0.0 \
     NORMSERVE_PORT=8000 \
     NORMSERVE_REPOSITORY=/models \
+    NORMSERVE_LOG_FORMAT=json \
     ORT_DISABLE_TELEMETRY=1
 COPY --from=deps /opt/venv /opt/venv
 COPY --from=models /models /models

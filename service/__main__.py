@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import math
 import os
 import shutil
@@ -21,6 +20,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from service.errors import RepositoryError
+from service.operations.logs import LogFormat, emit_error, log_config
+from service.operations.logs import configure as configure_logging
 from service.repository import list_models, scan_repository
 from service.settings import Settings
 
@@ -54,14 +55,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
-        print(f"error: invalid settings: {problems}", file=sys.stderr)
+        print(
+            emit_error(_requested_format(overrides), f"invalid settings: {problems}"),
+            file=sys.stderr,
+        )
         return 2
     except RepositoryError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(emit_error(settings.log_format, str(exc)), file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s"
-    )
+    configure_logging(settings.log_format, settings.log_level)
     import uvicorn
 
     from service.app import create_app
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             host=settings.host,
             port=settings.port,
             log_level=settings.log_level,
-            access_log=False,  # the app writes its own structured access log
+            log_config=log_config(settings.log_format, settings.log_level),
+            access_log=False,  # the app writes its own access log
             http=GuardedHttpProtocol,  # header size, timeouts, connection cap
             timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
@@ -94,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 port=settings.port,
                 workers=settings.workers,
                 log_level=settings.log_level,
+                # Applied again in each worker process: the workers' lines are formatted alike.
+                log_config=log_config(settings.log_format, settings.log_level),
                 access_log=False,
                 http=GuardedHttpProtocol,
                 timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
@@ -122,6 +127,13 @@ def _shared_metrics_directory() -> Iterator[None]:
     finally:
         if not given:
             shutil.rmtree(directory, ignore_errors=True)
+
+
+def _requested_format(overrides: dict[str, str]) -> LogFormat:
+    """The log format asked for, when the settings as a whole were refused: a refusal is
+    written in the format the operator's log shipper expects where that much is clear."""
+    asked = overrides.get("log_format") or os.environ.get("NORMSERVE_LOG_FORMAT", "")
+    return "json" if asked.strip().lower() == "json" else "text"
 
 
 def _export_environment(settings: Settings) -> None:

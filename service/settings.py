@@ -121,7 +121,13 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level."
     )
-    access_log: bool = Field(True, description="One structured log line per request.")
+    log_format: Literal["json", "text"] = Field(
+        "text",
+        description="json: every line, uvicorn's included, is one JSON object (time, level, "
+        "logger, message, request_id, the access log's fields, traceback) for log shippers; "
+        "text: for people.",
+    )
+    access_log: bool = Field(True, description="One log line per request.")
 
     @field_validator("workers", mode="before")
     @classmethod

@@ -19,6 +19,7 @@ from service.front.encoding import compress, response_coding
 from service.front.errors import domain_error_response, error_response, internal_error_response
 from service.front.routing import MethodNotAllowed, NoRoute, Route, Router
 from service.operations.access import MAX_ID_BYTES, log_access, new_request_id
+from service.operations.logs import current_request_id
 
 log = logging.getLogger("normserve")
 
@@ -59,6 +60,9 @@ class HttpFront:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = _request_id(scope)
+        # Every log line written while this request is served carries its id. The task is
+        # this request's alone (the server starts one per request), so nothing to reset.
+        current_request_id.set(request_id)
         started = time.perf_counter()
         method: str = scope["method"]
         path: str = scope["path"]

@@ -52,7 +52,10 @@ def ort_session_options(threads: int, level: str = "all") -> ort.SessionOptions:
     # Idle pool threads spinning would burn the CPUs other workers and requests need.
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    # Fatal only: a failing run raises, and the server logs that exception with its
+    # traceback in its own log format; onnxruntime's own error line (coloured text on
+    # stderr) would be a second, unparseable copy of it in a JSON log.
+    so.log_severity_level = 4
     return so
 
 

@@ -1,5 +1,6 @@
 """``python -m service`` as a process: settings refused before it binds, flags over
-variables, one JSON access-log line per request (tests/review item 4)."""
+variables, one JSON access-log line per request (tests/review item 4; tests/service/test_logs.py
+for the log formats)."""
 
 from __future__ import annotations
 
@@ -54,11 +55,12 @@ def test_flags_beat_variables_and_the_access_log_is_json(
     # flags running_server passes (--port) and this one (--access-log) must win.
     monkeypatch.setenv("NORMSERVE_PORT", "1")
     monkeypatch.setenv("NORMSERVE_ACCESS_LOG", "false")
+    monkeypatch.setenv("NORMSERVE_LOG_FORMAT", "json")
     with running_server(tiny_repository(tmp_path), tmp_path, "--access-log", "true") as server:
         response = httpx.get(f"{server.http_url}/v2", headers={"x-request-id": "probe-7"})
         assert response.headers["x-request-id"] == "probe-7"
     lines = [line for line in server.log_path.read_text().splitlines() if "probe-7" in line]
     assert len(lines) == 1, lines
-    entry = json.loads(lines[0][lines[0].index("{") :])
+    entry = json.loads(lines[0])  # the whole line (service.operations.logs)
     assert entry["request_id"] == "probe-7" and entry["status"] == 200
     assert entry["method"] == "GET" and entry["path"] == "/v2" and entry["ms"] >= 0
