@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.front.asgi import Receive, Scope, Send
 from service.front.context import Context
@@ -23,22 +23,30 @@ from service.front.limits import EARLY_REFUSAL
 from service.front.openapi import document
 from service.front.routing import Router
 from service.front.table import route_table
+from service.operations import tracing
 from service.operations.metrics import Metrics
 from service.protocol.handlers import Protocol
 from service.serving.store import ModelStore
 from service.settings import Settings
 from service.webdata import SamplesFile
 
+if TYPE_CHECKING:
+    from service.operations.otel import Tracing
+
 log = logging.getLogger("normserve")
 
 
-def create_app(settings: Settings) -> NormserveApp:
-    return NormserveApp(settings)
+def create_app(settings: Settings, traces: Tracing | None = None) -> NormserveApp:
+    """The app; ``traces``: where spans go (tests pass an in-memory exporter's), by default
+    an OTLP exporter when the OTEL_* variables name an endpoint, or none."""
+    return NormserveApp(settings, traces if traces is not None else tracing.from_environment())
 
 
 class NormserveApp:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, traces: Tracing | None = None) -> None:
         self.settings = settings
+        # Also what a second transport (gRPC) begins its requests' traces with.
+        self.tracing = traces
         self.metrics = Metrics()
         self.store = ModelStore(settings)
         self.protocol = Protocol(self.store, self.metrics)
@@ -51,7 +59,7 @@ class NormserveApp:
             decoder=BodyDecoder(),
             openapi=document(self.router.routes),
         )
-        self.http = HttpFront(self.context, self.router, access_log=settings.access_log)
+        self.http = HttpFront(self.context, self.router, settings.access_log, traces)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -82,6 +90,8 @@ class NormserveApp:
         await self.store.stop()
         self.context.decoder.close()
         self.metrics.close()
+        if self.tracing is not None:
+            self.tracing.shutdown()  # exports the spans still buffered
         await send({"type": "lifespan.shutdown.complete"})
 
     async def _startup(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from service.errors import NormserveError
 from service.front.asgi import Receive, Request, Response, Scope, Send, send_response
@@ -21,14 +22,20 @@ from service.front.routing import MethodNotAllowed, NoRoute, Route, Router
 from service.operations.access import MAX_ID_BYTES, log_access, new_request_id
 from service.operations.logs import current_request_id
 
+if TYPE_CHECKING:  # imports OpenTelemetry: only ever loaded when tracing is on
+    from service.operations.otel import RequestTrace, Tracing
+
 log = logging.getLogger("normserve")
 
 
 class HttpFront:
-    def __init__(self, ctx: Context, router: Router, access_log: bool) -> None:
+    def __init__(
+        self, ctx: Context, router: Router, access_log: bool, tracing: Tracing | None = None
+    ) -> None:
         self.ctx = ctx
         self.router = router
         self.access_log = access_log
+        self.tracing = tracing
 
     def refuse_early(self, scope: Scope) -> tuple[Response, bytes] | None:
         """The answer and request id for a request its route's admission check refuses
@@ -56,6 +63,10 @@ class HttpFront:
             return None
         request_id = _request_id(scope)
         self._done(scope, route, params, response.status, started, request_id)
+        if self.tracing is not None:  # no task here: the span is not made current
+            trace = self._begin_trace(scope, current=False)
+            trace.span.update_name(f"POST {route.path}")
+            _end_trace(trace, response.status, request_id, params)
         return response, request_id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -68,8 +79,11 @@ class HttpFront:
         path: str = scope["path"]
         route: Route | None = None
         params: dict[str, str] = {}
+        trace = None if self.tracing is None else self._begin_trace(scope, current=True)
         try:
             route, params = self.router.match(method, path)
+            if trace is not None:  # the template names the span (low cardinality)
+                trace.span.update_name(f"{method} {route.path}")
             response = await route.handler(self.ctx, Request(scope, receive, params, request_id))
         except MethodNotAllowed as exc:
             allow = ", ".join(exc.allowed).encode()
@@ -83,6 +97,8 @@ class HttpFront:
             # cleanly if the connection still listens, and let the cancellation go on.
             response = error_response(503, "the server is shutting down; retry")
             await self._send(send, response, request_id, method)
+            if trace is not None:
+                trace.end({"http.response.status_code": 503}, error="cancelled")
             raise
         except Exception:
             log.exception("unhandled error on %s %s", method, path)
@@ -92,6 +108,19 @@ class HttpFront:
         # Sent even for a client that went away (499): the server drops it then.
         await self._send(send, response, request_id, method)
         self._done(scope, route, params, response.status, started, request_id)
+        if trace is not None:
+            _end_trace(trace, response.status, request_id, params)
+
+    def _begin_trace(self, scope: Scope, current: bool) -> RequestTrace:
+        assert self.tracing is not None
+        method: str = scope["method"]
+        path: str = scope["path"]
+        return self.tracing.begin(
+            f"{method} {path}",
+            {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+            {"http.request.method": method, "url.path": path},
+            current=current,
+        )
 
     def _done(
         self,
@@ -123,6 +152,17 @@ class HttpFront:
         known = model in store.served or model in store.failed
         label = model if known else "unknown"
         self.ctx.metrics.on_request(label, protocol, status, seconds, known)
+
+
+def _end_trace(trace: RequestTrace, status: int, request_id: bytes, params: dict[str, str]) -> None:
+    model = {"normserve.model": params["model_name"]} if "model_name" in params else {}
+    attributes = {
+        "http.response.status_code": status,
+        "normserve.request_id": request_id.decode("latin-1"),
+        **model,
+    }
+    # A client's error (4xx) is not the server's: only 5xx mark the span as failed.
+    trace.end(attributes, error=str(status) if status >= 500 else None)
 
 
 def _request_id(scope: Scope) -> bytes:

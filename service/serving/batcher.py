@@ -35,11 +35,16 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.operations.tracing import current_trace
 from service.serving.runtime import OnnxModel
+
+if TYPE_CHECKING:
+    from service.operations.otel import RequestTrace
 
 log = logging.getLogger("normserve.batcher")
 
@@ -77,6 +82,8 @@ class _Pending:
     future: asyncio.Future[Tensors]
     enqueued: float
     deadline: float | None
+    # The request's trace (service.operations.tracing); None when tracing is off.
+    trace: RequestTrace | None = None
 
 
 # What a batch gives each of its callers: its outputs, or the error it gets instead.
@@ -170,7 +177,7 @@ class Batcher:
         assert loop is not None  # check_room refuses before start()
         rows = next(iter(inputs.values())).shape[0]
         future: asyncio.Future[Tensors] = loop.create_future()
-        item = _Pending(inputs, rows, future, time.perf_counter(), deadline)
+        item = _Pending(inputs, rows, future, time.perf_counter(), deadline, current_trace.get())
         with self._cond:
             self._waiting.append(item)
             if self._busy:
@@ -355,6 +362,7 @@ class Batcher:
             outputs = self.model.run(merged)
         except Exception as exc:
             compute = time.perf_counter() - started
+            self._trace(live, rows, merging, exc)
             record = BatchRecord(
                 self.model.name, rows, len(live), queue_seconds, compute, failed=True
             )
@@ -378,6 +386,7 @@ class Batcher:
                     self._record_later(alone_record)
             return results, None
         compute = time.perf_counter() - started
+        self._trace(live, rows, merging, None)
         if len(live) == 1:
             self.lone_compute_s = _ewma(self.lone_compute_s, compute)
         self._row_seconds.append(compute / rows)
@@ -398,6 +407,24 @@ class Batcher:
             output_seconds=time.perf_counter() - splitting,
         )
         return results, record
+
+    def _trace(
+        self, batch: list[_Pending], rows: int, started: float, error: BaseException | None
+    ) -> None:
+        """The batch's spans, when its requests are traced (all are, or none: tracing is on
+        or off for the whole process). OpenTelemetry's SDK is thread-safe: this runs on the
+        worker thread as well as on the loop's."""
+        trace = batch[0].trace
+        if trace is not None:
+            trace.tracing.record_batch(
+                self.model.name,
+                [(item.trace, item.enqueued) for item in batch if item.trace is not None],
+                rows,
+                len(batch),
+                started,
+                time.perf_counter(),
+                error,
+            )
 
     def _expired(self, item: _Pending, now: float) -> DeadlineExceeded:
         return DeadlineExceeded(
