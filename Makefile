@@ -7,11 +7,15 @@ CHECKPOINTS ?= checkpoints
 
 .PHONY: serve test repository lint venv clean lock bench rehearse
 
-# pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise).
+# pip reinstalls only when pyproject.toml changes (the stamp is newer otherwise). Not quiet:
+# on a fresh machine this is the long part of the first `make serve` (README: First run), and
+# pip's Collecting/Downloading lines show what it is doing meanwhile.
 $(VENV)/.installed: pyproject.toml
+	@echo "== Installing normserve with its export (torch, onnx) and dev extras into $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[export,dev]'
+	$(BIN)/python -m pip install --progress-bar on -e '.[export,dev]'
+	@echo "== Installed"
 	touch $@
 
 venv: $(VENV)/.installed
