@@ -47,7 +47,12 @@ USER_ERRORS = (
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> int:
-    args = _parser(prog).parse_args(argv)
+    parser = _parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:  # what a new user types first: the commands, not argparse's complaint
+        parser.print_help(sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return int(args.run(args))
     except USER_ERRORS as exc:
@@ -56,7 +61,15 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m export") -> i
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
+    # The module docstring is reStructuredText; help is plain text: no ``quotes``.
+    summary, _, rest = __doc__.replace("``", "").partition("\n\n")
+    examples = rest.partition("\n\n")[0].replace("python -m export", prog)
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=summary.replace("python -m export: b", "B"),
+        epilog=f"examples:\n{examples}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
     build = sub.add_parser("build", help="train (if needed) and export the default models")

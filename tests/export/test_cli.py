@@ -351,6 +351,27 @@ def test_help_lists_the_commands(workdir: Path) -> None:
     assert "onnx" in result.stdout
 
 
+COMMANDS = ["build", "onnx", "behavior", "quantize", "tune"]
+
+
+def test_no_arguments_lists_the_commands(workdir: Path) -> None:
+    """What a new user types first gets the commands, not only argparse's complaint."""
+    result = run_cli_in_process(workdir)
+    assert result.returncode == 2
+    listed = result.stderr.split("positional arguments:")[1].split("options:")[0]
+    # "    name  what it does" (help text that wraps is indented further)
+    names = [w.split()[0] for w in listed.splitlines() if w[:4] == "    " and w[4:5].isalpha()]
+    assert names == COMMANDS, result.stderr
+    assert "examples:" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["", *COMMANDS])
+def test_help_shows_no_restructuredtext_quotes(workdir: Path, command: str) -> None:
+    result = run_cli_in_process(workdir, *([command] if command else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "``" not in result.stdout, result.stdout
+
+
 def test_dict_outputs_are_named_by_their_keys(workdir: Path) -> None:
     result = run_cli_in_process(workdir, *export_args("heads", factory="two_heads"))
     assert result.returncode == 0, result.stderr
