@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from servers import ROOT, RunningServer, running_server
 
@@ -283,8 +284,15 @@ def test_picked_sample_shows_its_label_and_the_cnn_gets_it(
     watched = open_page()
     page = watched.page
     _pick_sample(page, index)
-    expect(page.locator("#true-label")).to_have_attribute("data-label", label)
-    expect(page.locator("#true-label")).to_contain_text(f"true label {label}")
+    # The true label sits with the predictions, just above the cards.
+    true_label = page.locator("#predictions #true-label")
+    expect(true_label).to_have_attribute("data-label", label)
+    expect(true_label).to_contain_text(f"true label {label}")
+    gap = page.evaluate(
+        "document.querySelector('.card').getBoundingClientRect().top"
+        " - document.getElementById('true-label').getBoundingClientRect().bottom"
+    )
+    assert 0 <= gap < 100, gap
     expect(page.locator(f'.card[data-model="{CNN}"]')).to_have_attribute("data-label", label)
     (tensor,) = json.loads(watched.requests_to(CNN)[-1].post_data or "{}")["inputs"]
     assert tensor["data"] == [v / samples["scale"] for v in samples["images"][index]]
@@ -298,7 +306,11 @@ def test_train_vs_inference_comes_from_the_service(
     index = _sample_the_cnn_gets_right(web, samples)
     watched = open_page(viewport={"width": 1280, "height": 900})
     page = watched.page
+    # Before any input the panel says what will appear, instead of an empty chart's area.
+    expect(page.locator("#story-waiting")).to_be_visible()
+    expect(page.locator("#story .chart")).to_be_hidden()
     _pick_sample(page, index)
+    expect(page.locator("#story-waiting")).to_be_hidden()
     answers = page.locator("#answers")
     for key in ("eval", "1", "32"):
         expect(answers.locator(f'dd[data-batch="{key}"]')).to_be_visible()
@@ -464,3 +476,156 @@ def test_without_samples_or_report_the_page_says_how_to_make_them(
             watched.assert_clean()  # the page asked first: it provoked no 404
         finally:
             page.context.close()
+
+
+# ------------------------------------------------------- a slow server with a non-digit model
+
+RGB = "user_rgb"
+
+
+def _install_rgb_model(root: Path) -> None:
+    """A user's 3x32x32 classifier (average colour -> 10 logits) in ``root/repository``."""
+    from onnx import TensorProto, helper, numpy_helper
+    from tiny_onnx import install_source, save_checked
+
+    from service.repository import TensorSpec
+
+    weight = np.arange(30, dtype=np.float32).reshape(3, 10) / 30
+    graph = helper.make_graph(
+        [
+            helper.make_node("GlobalAveragePool", ["pixels"], ["mean"]),
+            helper.make_node("Flatten", ["mean"], ["flat"]),
+            helper.make_node("MatMul", ["flat", "W"], ["logits"]),
+        ],
+        "rgb",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    source = save_checked(graph, root / "rgb-source.onnx")
+    install_source(
+        root,
+        source,
+        {
+            "name": RGB,
+            "inputs": [
+                TensorSpec(name="pixels", datatype="FP32", shape=[-1, 3, 32, 32]).model_dump()
+            ],
+            "outputs": [TensorSpec(name="logits", datatype="FP32", shape=[-1, 10]).model_dump()],
+            "max_batch_size": 8,
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def slow_web(
+    built_repository: tuple[Path, Path, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningServer]:
+    """The default models plus a 3x32x32 one, each request held 150 ms in its queue: far
+    slower than the pad's frames, so that a page that did not coalesce would pile requests."""
+    root = tmp_path_factory.mktemp("slow-web")
+    shutil.copytree(built_repository[0], root / "repository")
+    _install_rgb_model(root)
+    with running_server(root / "repository", root, "--max-queue-delay-ms", "150") as server:
+        yield server
+
+
+def test_a_model_that_takes_no_digit_is_listed_not_drawn(
+    browser: Browser, slow_web: RunningServer
+) -> None:
+    watched = _open(browser, f"{slow_web.http_url}/")
+    page = watched.page
+    try:
+        other = page.locator(f'.card.other[data-model="{RGB}"]')
+        expect(other).to_be_visible()
+        expect(other).to_contain_text("served, not drawable here")
+        expect(other).to_contain_text("pixels FP32 [-1, 3, 32, 32]")
+        expect(other).to_contain_text(f"POST /v2/models/{RGB}/infer")
+        assert page.locator(".card.other").count() == 1  # the digit models are drawable
+        _stroke(page, [(0.5, 0.1), (0.5, 0.9)])
+        expect(page.locator(f'.card[data-model="{CNN}"][data-label]')).to_have_count(1)
+        assert watched.requests_to(RGB) == []
+        watched.assert_clean()
+    finally:
+        page.context.close()
+
+
+def test_drawing_keeps_one_request_per_model_in_flight_and_the_latest_wins(
+    browser: Browser, slow_web: RunningServer
+) -> None:
+    watched = _open(browser, f"{slow_web.http_url}/")
+    page = watched.page
+    in_flight: dict[str, int] = {}
+    most: dict[str, int] = {}
+
+    def model_of(request: Request) -> str | None:
+        match = re.search(r"/v2/models/([^/]+)/infer$", request.url)
+        return match[1] if match else None
+
+    def started(request: Request) -> None:
+        if (model := model_of(request)) is not None:
+            in_flight[model] = in_flight.get(model, 0) + 1
+            most[model] = max(most.get(model, 0), in_flight[model])
+
+    def ended(request: Request) -> None:
+        if (model := model_of(request)) is not None:
+            in_flight[model] -= 1
+
+    page.on("request", started)
+    page.on("requestfinished", ended)
+    page.on("requestfailed", ended)
+    try:
+        steps = 0
+        box = page.locator("#pad").bounding_box()
+        assert box is not None
+        page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.2 * box["height"])
+        page.mouse.down()
+        # A long scribble: each step is drawn ink, most of them a new 8x8 input.
+        for i in range(60):
+            x = 0.2 + 0.6 * ((i * 7) % 11) / 10
+            y = 0.2 + 0.6 * i / 59
+            page.mouse.move(box["x"] + x * box["width"], box["y"] + y * box["height"], steps=2)
+            steps += 2
+            page.wait_for_timeout(16)  # about one frame
+        page.mouse.up()
+        models = [CNN, "digits_transformer", "digits_recurrent"]
+        # Settled: nothing in flight and every card shows an answer.
+        _wait_until(
+            page,
+            lambda: (
+                all(n == 0 for n in in_flight.values())
+                and page.locator(".card[data-label]").count() == len(models)
+            ),
+            "the page settles",
+        )
+        page.wait_for_timeout(500)  # and stays settled: no request is still to come
+        assert all(n == 0 for n in in_flight.values()), in_flight
+        assert most and max(most.values()) == 1, most
+        for model in models:
+            sent = watched.requests_to(model)
+            assert 0 < len(sent) < steps, (model, len(sent), steps)
+            print(f"{model}: {len(sent)} requests for {steps} pointer moves")
+        # The batch-statistics panel (six batch sizes) follows the finished stroke only.
+        shapes = [
+            json.loads(r.post_data or "{}")["inputs"][0]["shape"][0]
+            for r in watched.requests_to(BATCHSTATS)
+        ]
+        assert shapes == [1, 2, 4, 8, 16, 32], shapes
+        # The latest drawing won: each card's last request carries the pad's final input
+        # (read back from the 8x8 preview), and the card shows the answer to it.
+        final = page.evaluate(
+            """(() => {
+              const c = document.getElementById('preview');
+              const d = c.getContext('2d').getImageData(0, 0, 8, 8).data;
+              return Array.from({length: 64}, (_, i) => (255 - d[i * 4]) / 238);
+            })()"""
+        )
+        for model in models:
+            (tensor,) = json.loads(watched.requests_to(model)[-1].post_data or "{}")["inputs"]
+            assert all(abs(a - b) < 0.01 for a, b in zip(tensor["data"], final, strict=True))
+            assert _shows_a_service_answer(watched, model, len(watched.requests_to(model)) - 1)
+        (alone,) = json.loads(watched.requests_to(BATCHSTATS)[0].post_data or "{}")["inputs"]
+        assert all(abs(a - b) < 0.01 for a, b in zip(alone["data"], final, strict=True))
+        watched.assert_clean()
+    finally:
+        page.context.close()

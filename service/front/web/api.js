@@ -29,6 +29,7 @@ function describe(meta) {
     name: meta.name,
     version: meta.versions[0],
     input: input.name,
+    inputs: meta.inputs.map((i) => `${i.name} ${i.datatype} [${i.shape.join(", ")}]`),
     dims,
     output: output.name,
     // Class names from the metadata; column numbers for a model that has none.

@@ -2,7 +2,7 @@
 // panel and the server panel. Models come from the server's own index and metadata.
 
 import { ModelClient, getJSON, loadModels } from "./api.js";
-import { Card } from "./cards.js";
+import { Card, otherModel } from "./cards.js";
 import { Pad, drawPreview } from "./pad.js";
 import { ServerPanel } from "./server.js";
 import { Story } from "./story.js";
@@ -74,6 +74,8 @@ async function main() {
     .filter((m) => !m.batchDependent)
     .map((m) => new Card($("cards"), m, clients.get(m.name), spoken));
   if (!cards.length) summary.textContent = "This server serves no model that takes an 8x8 digit.";
+  // Served models the pad cannot feed (a user's 3x32x32 model...): listed, not left off.
+  for (const model of models.filter((m) => !m.fitsDigits)) otherModel($("cards"), model);
 
   const batched = digits.find((m) => m.batchDependent && clients.has(m.derivedFrom));
   let story = null;
@@ -89,22 +91,34 @@ async function main() {
   }
 
   const trueLabel = $("true-label");
-  const update = (pixels, sampleIndex = null) => {
+  // The inputs the cards and the batch-statistics panel last got: frames that change nothing
+  // send nothing. The panel costs seven requests an input, so it follows finished strokes
+  // (and samples), not every frame of one.
+  let shown = null;
+  let explained = null;
+  const update = (pixels, sampleIndex = null, drawing = false) => {
+    const key = pixels ? `${sampleIndex}:${pixels.join(",")}` : null;
+    if (pixels && !drawing && key !== explained) {
+      explained = key;
+      story?.submit(pixels, sampleIndex);
+    }
+    if (key !== null && key === shown) return;
+    shown = key;
     drawPreview($("preview"), pixels);
     if (sampleIndex === null) {
       trueLabel.textContent = "";
       delete trueLabel.dataset.label;
     }
     if (!pixels) {
+      explained = null;
       for (const card of cards) card.reset();
       story?.reset();
       spoken();
       return;
     }
     for (const card of cards) card.submit(pixels);
-    story?.submit(pixels, sampleIndex);
   };
-  const pad = new Pad($("pad"), (pixels) => update(pixels));
+  const pad = new Pad($("pad"), (pixels, drawing) => update(pixels, null, drawing));
   drawPreview($("preview"), null);
 
   $("clear").addEventListener("click", () => {

@@ -94,3 +94,19 @@ export class Card {
     }
   }
 }
+
+/** A served model the pad cannot feed (its input is not one 8x8 digit): listed, not drawn. */
+export function otherModel(container, model) {
+  const root = element("article", "card other");
+  root.dataset.model = model.name;
+  const title = element("h3", "", model.name);
+  title.append(element("span", "version", ` v${model.version}`));
+  const what = element("p", "top", "served, not drawable here");
+  const input = element("p", "latency", `input: ${model.inputs.join("; ")}`);
+  const how = element("p", "note");
+  how.append("Send it requests of its own shape at ");
+  how.append(element("code", "", `POST /v2/models/${model.name}/infer`));
+  how.append(".");
+  root.append(title, what, input, how);
+  container.append(root);
+}

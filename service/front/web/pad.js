@@ -10,7 +10,8 @@ const BITMAP = 32;
 const BLOCK = BITMAP / GRID;
 
 export class Pad {
-  /** `onInput(pixels)`: 64 values in [0, 1], or null for an empty pad; once per frame. */
+  /** `onInput(pixels, drawing)`: 64 values in [0, 1], or null for an empty pad; once per
+   * frame while a stroke goes on (`drawing` true), and once more when it ends (false). */
   constructor(canvas, onInput) {
     this.canvas = canvas;
     this.onInput = onInput;
@@ -24,7 +25,9 @@ export class Pad {
     canvas.addEventListener("pointermove", (e) => this.#move(e));
     for (const type of ["pointerup", "pointercancel", "lostpointercapture"]) {
       canvas.addEventListener(type, () => {
+        if (!this.last) return;
         this.last = null;
+        this.onInput(this.read(), false);
       });
     }
   }
@@ -85,7 +88,7 @@ export class Pad {
     if (!this.frame) {
       this.frame = requestAnimationFrame(() => {
         this.frame = 0;
-        this.onInput(this.read());
+        this.onInput(this.read(), this.last !== null);
       });
     }
   }

@@ -26,9 +26,11 @@ export class Story {
     this.sizes = companions.length ? BATCH_SIZES : [1];
     this.answers = section.querySelector("#answers");
     this.chart = section.querySelector("#chart");
+    this.figure = section.querySelector(".chart");
+    // Before any input: a line saying what will appear, not an empty chart's blank area.
+    this.waiting = section.querySelector("#story-waiting");
     section.querySelector("#eval-name").textContent = evaluation.model.name;
     section.querySelector("#batch-name").textContent = batched.model.name;
-    section.querySelector(".chart").hidden = !companions.length;
     section.hidden = false;
     this.epoch = 0;
     this.latest = latestOnly((pixels, exclude, epoch) => this.#run(pixels, exclude, epoch));
@@ -43,6 +45,8 @@ export class Story {
     this.epoch += 1;
     this.answers.replaceChildren();
     this.#clearChart();
+    this.figure.hidden = true;
+    this.waiting.hidden = false;
   }
 
   async #run(pixels, exclude, epoch) {
@@ -100,7 +104,9 @@ export class Story {
         return [title, answer];
       }),
     );
+    this.waiting.hidden = true;
     if (points.length > 1) this.#drawChart(points, target, evalProbabilities[target]);
+    this.figure.hidden = points.length < 2;
   }
 
   #clearChart() {
