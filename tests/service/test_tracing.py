@@ -5,12 +5,12 @@ of OpenTelemetry loaded when they do not."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -117,13 +117,25 @@ def test_one_batch_span_links_every_request_it_served(
     client, exporter = traced
     exporter.clear()
 
-    def post(n: int) -> int:
-        return client.post(
-            "/v2/models/tiny/infer", json=_infer_body(), headers={"traceparent": _traceparent(n)}
-        ).status_code
+    async def post_together() -> list[int]:
+        # Sent from the app's own event loop in one go, so that they queue together (threads
+        # through the test client would arrive one by one on a busy machine and each run alone).
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as together:
+            answers = await asyncio.gather(
+                *(
+                    together.post(
+                        "/v2/models/tiny/infer",
+                        json=_infer_body(),
+                        headers={"traceparent": _traceparent(n)},
+                    )
+                    for n in range(1, 5)
+                )
+            )
+        return [answer.status_code for answer in answers]
 
-    with ThreadPoolExecutor(4) as pool:
-        assert list(pool.map(post, range(1, 5))) == [200] * 4
+    assert client.portal is not None
+    assert client.portal.call(post_together) == [200] * 4
     spans = exporter.get_finished_spans()
     requests = _named(spans, "POST /v2/models/{model_name}/infer")
     assert sorted(_trace_hex(s) for s in requests) == sorted(
