@@ -56,6 +56,7 @@ def server(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     args = (
         "--header-timeout-s", str(HEADER_TIMEOUT_S), "--body-timeout-s", str(BODY_TIMEOUT_S),
         "--idle-timeout-s", str(IDLE_TIMEOUT_S), "--max-connections", str(CAP),
+        "--log-format", "json",  # the access-log checks below read its JSON fields
     )  # fmt: skip
     with running_server(repository, tmp_path_factory.mktemp("front-log"), *args) as srv:
         yield srv
