@@ -226,7 +226,9 @@ class Batcher:
             self._kicked = False
             if self._busy or not self._waiting:
                 return
-            if len(self._waiting) > 1 or not self._inline_ok():
+            # With a queue delay set, even a lone request waits for company: the worker's.
+            gather = self.merge and self.max_queue_delay_s > 0
+            if len(self._waiting) > 1 or gather or not self._inline_ok():
                 self._busy = True
                 self._cond.notify()
                 return

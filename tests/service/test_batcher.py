@@ -418,3 +418,25 @@ def test_reserved_places_count_against_the_queue_and_are_never_refused(tmp_path:
         await batcher.stop()
 
     asyncio.run(scenario())
+
+
+def test_a_queue_delay_is_honoured_for_a_lone_quick_request(tmp_path: Path) -> None:
+    """With max_queue_delay set, a lone request waits for company even when its model is
+    quick enough to run on the loop: the two sent apart within the delay share one batch."""
+    model = _model(tmp_path, ThreadRecordingModel)
+    assert isinstance(model, ThreadRecordingModel)
+
+    async def scenario() -> None:
+        batcher = Batcher(
+            model, max_batch_size=8, max_queue_delay_s=0.5, max_queue_size=8, inline_below_s=10
+        )
+        batcher.start()
+        batcher.lone_compute_s = 0.0001  # known to be quick
+        first = batcher.enqueue({"x": _rows(1, 0)})
+        await asyncio.sleep(0.05)
+        second = batcher.enqueue({"x": _rows(1, 1)})
+        await asyncio.gather(first, second)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert len(model.threads) == 1, "the two requests ran apart"
