@@ -218,7 +218,8 @@ def test_container_serves_v2_answers_healthcheck_and_stops_cleanly(
 
     # The web page and its data come from the image too: the page's files are package data
     # of `service`, the test digits part of the repository the models stage copied.
-    page = httpx.get(f"http://{container.url}/", timeout=5)
+    # A browser asks for HTML; other clients get V1 liveness JSON at / (KServe's SDK).
+    page = httpx.get(f"http://{container.url}/", headers={"Accept": "text/html"}, timeout=5)
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "default-src 'self'" in page.headers["content-security-policy"]
     samples = httpx.get(f"http://{container.url}/ui/samples.json", timeout=5)
