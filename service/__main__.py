@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -28,6 +29,10 @@ from service.settings import Settings
 # The server's own modules (uvicorn, the app, onnxruntime behind it) are imported in main():
 # the process that decodes large bodies (service.front.decoding) starts by importing this
 # module as its __main__, and needs none of them (58 -> ~35 MB).
+
+
+# Flags that may be repeated (their values are joined with commas).
+REPEATABLE = {"load_model"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,9 +48,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             dest=name,
             metavar=name.upper(),
             help=f"{field.description} (env NORMSERVE_{name.upper()}, default {field.default})",
+            # Triton's --load-model may be given several times; joined with commas below.
+            action="append" if name in REPEATABLE else "store",
         )
     args = parser.parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    overrides: dict[str, Any] = {
+        k: ",".join(v) if k in REPEATABLE else v for k, v in vars(args).items() if v is not None
+    }
     try:
         settings = Settings(**overrides)
         # Fail now, not in a worker, when the repository is unusable (or, with strict_models,

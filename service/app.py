@@ -9,7 +9,6 @@ route table (service.front.table).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -87,6 +86,7 @@ class NormserveApp:
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         # uvicorn has finished the in-flight requests before this point; drain the queues.
+        await self.protocol.control.stop()
         await self.store.stop()
         self.context.decoder.close()
         self.metrics.close()
@@ -96,14 +96,12 @@ class NormserveApp:
 
     async def _startup(self) -> None:
         started = time.perf_counter()
-        await asyncio.to_thread(self.store.load, self.metrics.on_batch)
-        self.store.start()
-        for name in self.store.names():
-            self.metrics.model_ready.labels(name).set(1 if name in self.store.served else 0)
+        await self.protocol.control.start()
         log.info(
-            "serving %d model(s) from %s, ready=%s, start-up %.2f s",
+            "serving %d model(s) from %s (model control: %s), ready=%s, start-up %.2f s",
             len(self.store.served),
             self.settings.repository,
+            self.settings.model_control_mode,
             self.store.ready,
             time.perf_counter() - started,
         )

@@ -55,3 +55,8 @@ class PayloadTooLarge(NormserveError):
 
 class ClientDisconnected(NormserveError):
     """The client went away before its answer; nobody reads the response (logged as 499)."""
+
+
+class ControlDisabled(ModelNotReady):
+    """Load/unload asked of a server whose model control mode is not explicit; answered as
+    Triton does (HTTP 503, gRPC UNAVAILABLE), so it maps as ModelNotReady."""

@@ -83,6 +83,44 @@ class RuntimeOptions(_Strict):
     engine: Literal["onnxruntime", "openvino"] | None = None
 
 
+class LatestVersions(_Strict):
+    num_versions: Annotated[int, Field(ge=1)] = 1
+
+
+class AllVersions(_Strict):
+    pass
+
+
+class SpecificVersions(_Strict):
+    versions: Annotated[list[Annotated[int, Field(ge=1)]], Field(min_length=1)]
+
+
+class VersionPolicy(_Strict):
+    """Which recorded versions are served, in Triton's words: exactly one of
+    ``{"latest": {"num_versions": N}}``, ``{"all": {}}``, ``{"specific": {"versions": [..]}}``."""
+
+    latest: LatestVersions | None = None
+    all: AllVersions | None = None
+    specific: SpecificVersions | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        given = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "version_policy needs exactly one of 'latest', 'all', 'specific', "
+                f"got {given or 'none'}"
+            )
+        return self
+
+    def triton(self) -> dict[str, object]:
+        """The policy as Triton's model configuration shows it."""
+        return self.model_dump(exclude_none=True)
+
+
+LATEST_ONE = VersionPolicy(latest=LatestVersions(num_versions=1))
+
+
 class ModelVersion(_Strict):
     """One exported file and the evidence that it is right."""
 
@@ -137,6 +175,8 @@ class ModelConfig(_Strict):
     # that a client can put the two side by side without knowing naming conventions.
     derived_from: ModelName | None = None
     versions: list[ModelVersion] = []
+    # Which of ``versions`` are served at once (Triton's version_policy); None: the latest.
+    version_policy: VersionPolicy | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -154,7 +194,31 @@ class ModelConfig(_Strict):
                     f"{len(self.labels)} labels do not match any [-1, C] output "
                     f"(widths {sorted(widths)})"
                 )
+        policy = self.version_policy
+        if policy is not None and policy.specific is not None:
+            missing = sorted(set(policy.specific.versions) - set(numbers))
+            if missing:
+                raise ValueError(
+                    f"version_policy names versions {missing} that are not recorded "
+                    f"(recorded: {sorted(numbers)})"
+                )
         return self
+
+    @property
+    def policy(self) -> VersionPolicy:
+        return self.version_policy or LATEST_ONE
+
+    def served_versions(self) -> list[ModelVersion]:
+        """The recorded versions the policy serves, lowest first."""
+        ordered = sorted(self.versions, key=lambda v: v.version)
+        policy = self.policy
+        if policy.all is not None:
+            return ordered
+        if policy.specific is not None:
+            wanted = set(policy.specific.versions)
+            return [v for v in ordered if v.version in wanted]
+        assert policy.latest is not None
+        return ordered[-policy.latest.num_versions :]
 
     @property
     def latest(self) -> ModelVersion:
@@ -221,25 +285,39 @@ def scan_repository(root: Path) -> tuple[list[ModelConfig], dict[str, str]]:
     """
     if not root.is_dir():
         raise RepositoryError(f"model repository {root} does not exist or is not a directory")
-    real_root = root.resolve()
     configs: list[ModelConfig] = []
     failed: dict[str, str] = {}
     for config_path in sorted(root.glob(f"*/{CONFIG_FILE}")):
         name = config_path.parent.name
         try:
-            shown = config_path.relative_to(root)
-            inside(real_root, config_path, shown)
-            config = read_config(config_path, shown)
-            if config.name != name:
-                raise RepositoryError(
-                    f"{name}/{CONFIG_FILE}: name '{config.name}' differs from its directory "
-                    f"'{name}'"
-                )
+            config = read_model(root, name)
         except RepositoryError as exc:
             failed[name] = str(exc)
             continue
         configs.append(config)
     return configs, failed
+
+
+def model_names(root: Path) -> list[str]:
+    """The model folders of ``root`` (directories holding a config.json), sorted."""
+    return sorted(p.parent.name for p in root.glob(f"*/{CONFIG_FILE}"))
+
+
+def read_model(root: Path, name: str) -> ModelConfig:
+    """The validated config of model folder ``name``: RepositoryError when the folder, its
+    config or the config's name is not right. ``name`` must already be a valid model name
+    (never a path: callers check it against MODEL_NAME)."""
+    if not MODEL_NAME.fullmatch(name):
+        raise RepositoryError(f"invalid model name {name[:64]!r}")
+    config_path = root / name / CONFIG_FILE
+    shown = config_path.relative_to(root)
+    inside(root.resolve(), config_path, shown)
+    config = read_config(config_path, shown)
+    if config.name != name:
+        raise RepositoryError(
+            f"{name}/{CONFIG_FILE}: name '{config.name}' differs from its directory '{name}'"
+        )
+    return config
 
 
 def inside(real_root: Path, path: Path, shown: Path | str) -> None:

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.protocol.request_limits import Limits
+from service.repository import MODEL_NAME
 
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 # File descriptors kept back from max_connections: an idle server holds 16 (listening socket,
@@ -76,6 +77,21 @@ class Settings(BaseSettings):
     )
     max_tensors: Annotated[int, Field(ge=1)] = Field(
         64, description="Most inputs plus outputs named in one request (400 beyond)."
+    )
+    model_control_mode: Literal["none", "poll", "explicit"] = Field(
+        "none",
+        description="Triton's model control: none (load every model at start-up, no "
+        "load/unload), poll (also rescan the repository every repository_poll_secs and "
+        "load, reload or unload what changed), explicit (load only load_model at start-up, "
+        "then what POST /v2/repository/models/{m}/load|unload asks).",
+    )
+    repository_poll_secs: Annotated[float, Field(gt=0)] = Field(
+        15.0, description="Seconds between repository rescans in poll mode (Triton's default)."
+    )
+    load_model: str = Field(
+        "",
+        description="Explicit mode: models to load at start-up, comma-separated or the flag "
+        "repeated; '*' loads every model.",
     )
     strict_models: bool = Field(
         False,
@@ -150,6 +166,25 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("load_model")
+    @classmethod
+    def _model_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        bad = [n for n in names if n != "*" and not MODEL_NAME.fullmatch(n)]
+        if bad:
+            raise ValueError(f"{bad[:3]} are not model names (or '*')")
+        return ",".join(names)
+
+    @model_validator(mode="after")
+    def _control_fits_workers(self) -> Settings:
+        # Each worker process has its own models: a load or unload would reach one of them.
+        if self.model_control_mode == "explicit" and self.workers > 1:
+            raise ValueError(
+                "model_control_mode=explicit needs workers=1 (a load or unload request would "
+                "reach only one worker process); use poll mode with several workers"
+            )
+        return self
+
     @model_validator(mode="after")
     def _fits_cpu_budget(self) -> Settings:
         budget = cpu_budget()
@@ -164,6 +199,10 @@ class Settings(BaseSettings):
                 f"the {budget} CPU(s) available; lower NORMSERVE_INTRA_OP_THREADS"
             )
         return self
+
+    @property
+    def load_models(self) -> list[str]:
+        return [n for n in self.load_model.split(",") if n]
 
     @property
     def limits(self) -> Limits:

@@ -150,7 +150,9 @@ class HttpFront:
         # grow the metrics without bound by inventing model names.
         store = self.ctx.protocol.store
         known = model in store.served or model in store.failed
-        label = model if known else "unknown"
+        # A model once served keeps its label: requests that finish after its unload (they
+        # drained) still count under its name.
+        label = model if known or model in store.known else "unknown"
         self.ctx.metrics.on_request(label, protocol, status, seconds, known)
 
 

@@ -4,7 +4,11 @@ service.protocol calls and back."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
+import orjson
+
+from service.errors import InvalidInput
 from service.front.asgi import Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
@@ -51,7 +55,64 @@ async def model_stats(ctx: Context, request: Request) -> Response:
 
 
 async def repository_index(ctx: Context, request: Request) -> Response:
-    return json_response(ctx.protocol.repository_index())
+    body = await _control_body(request, "read the repository index", "ready")
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput("repository index: 'ready' must be true or false")
+    return json_response(ctx.protocol.repository_index(ready))
+
+
+async def load_model(ctx: Context, request: Request) -> Response:
+    name = request.params["model_name"]
+    body = await _control_body(request, f"load '{name[:64]}'", "parameters")
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput(f"failed to load '{name[:64]}', 'parameters' must be an object")
+    unknown = sorted(set(parameters) - {"config"})
+    if unknown:
+        # Triton's "file:<path>" parameters upload model files: not accepted here, models
+        # come only from the repository folder.
+        raise InvalidInput(
+            f"failed to load '{name[:64]}', unsupported parameter(s) {unknown[:3]}: only "
+            "'config' is accepted (model files come only from the repository)"
+        )
+    config = parameters.get("config")
+    if config is not None and not isinstance(config, str):
+        raise InvalidInput(f"failed to load '{name[:64]}', 'config' must be a JSON string")
+    await ctx.protocol.load_model(name, config)
+    return json_response({})
+
+
+async def unload_model(ctx: Context, request: Request) -> Response:
+    name = request.params["model_name"]
+    # Triton's unload_dependents parameter has nothing to act on (no ensembles): accepted.
+    await _control_body(request, f"unload '{name[:64]}'", "parameters")
+    await ctx.protocol.unload_model(name)
+    return json_response({})
+
+
+# Control bodies are a few hundred bytes; a config override a few KB.
+_CONTROL_BODY_LIMIT = 64 * 1024
+
+
+async def _control_body(request: Request, action: str, *allowed: str) -> dict[str, Any]:
+    """The optional JSON object body of a repository request (empty body: {})."""
+    raw = await request.body(_CONTROL_BODY_LIMIT, request.content_length())
+    if not raw.strip():
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        body = None
+    if not isinstance(body, dict):
+        raise InvalidInput(f"failed to {action}, the request body is not a JSON object")
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise InvalidInput(
+            f"failed to {action}, unknown field(s) {[k[:32] for k in unknown[:3]]} "
+            f"(accepted: {', '.join(allowed)})"
+        )
+    return body
 
 
 def admit(ctx: Context, params: dict[str, str]) -> Served:
@@ -109,8 +170,17 @@ def routes() -> list[Route]:
         Route("GET", "/v2/models/stats", model_stats, "Statistics of every served model",
               "statistics", answer="Statistics"),
         Route("POST", "/v2/repository/index", repository_index,
-              "Every model in the repository, with its state and the reason when unavailable",
-              "repository", answer="RepositoryIndex"),
+              "Every model folder and version, with its state and the reason when unavailable",
+              "repository", body="RepositoryIndexRequest", answer="RepositoryIndex",
+              errors=(400,)),
+        Route("POST", "/v2/repository/models/{model_name}/load", load_model,
+              "Load or reload a model from its repository folder, warmed up before it serves "
+              "(explicit model control mode)", "repository", body="RepositoryLoadRequest",
+              answer="Empty", errors=(400, 503)),
+        Route("POST", "/v2/repository/models/{model_name}/unload", unload_model,
+              "Unload a model: refused to new requests at once, in-flight ones finish "
+              "(explicit model control mode)", "repository", body="RepositoryUnloadRequest",
+              answer="Empty", errors=(400, 503)),
     ]  # fmt: skip
     for base, which in ((_MODEL, "the served version"), (_VERSION, "one version")):
         table += [

@@ -57,6 +57,21 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "ModelReady": _object(["name", "ready"], name=_STRING, ready=_BOOL),
     "ModelConfig": {"type": "object", "description": "Triton's model configuration (JSON)."},
     "Statistics": _object(["model_stats"], model_stats={"type": "array", "items": _PARAMETERS}),
+    "RepositoryIndexRequest": _object([], ready=_BOOL),
+    "RepositoryLoadRequest": _object(
+        [],
+        parameters=_object(
+            [],
+            config={
+                "type": "string",
+                "description": "Triton model configuration as JSON, overriding "
+                "max_batch_size, dynamic_batching (max_queue_delay_microseconds, "
+                "default_queue_policy.max_queue_size) and version_policy for this load.",
+            },
+        ),
+    ),
+    "RepositoryUnloadRequest": _object([], parameters=_PARAMETERS),
+    "Empty": {"type": "object"},
     "RepositoryIndex": {
         "type": "array",
         "items": _object(

@@ -201,6 +201,9 @@ class Metrics:
         if self.multiprocess():
             prometheus_multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
 
+    def set_model_ready(self, model: str, ready: bool) -> None:
+        self.model_ready.labels(model).set(1 if ready else 0)
+
     def on_batch(self, record: BatchRecord) -> None:
         model, rows = record.model, record.rows
         children = self._batch_children.get(model)

@@ -17,6 +17,7 @@ from service.operations.metrics import Metrics, ModelStats
 from service.protocol.v2_response import check_requested
 from service.protocol.v2_types import RequestedOutput
 from service.repository import TensorSpec
+from service.serving.control import ModelControl
 from service.serving.store import ModelStore, Place, Served
 
 SERVER_NAME = "normserve"
@@ -34,6 +35,8 @@ class Protocol:
         self.store = store
         self.metrics = metrics
         self.draining = False
+        store.on_batch = metrics.on_batch
+        self.control = ModelControl(store, metrics.set_model_ready)
 
     # ----------------------------------------------------------------- health and server
 
@@ -61,7 +64,8 @@ class Protocol:
         config = served.config
         return {
             "name": config.name,
-            "versions": [served.version],
+            # Every served version of the model, lowest first.
+            "versions": sorted(self.store.versions.get(config.name, {}), key=int),
             "platform": served.model.platform,
             "inputs": [s.model_dump() for s in config.inputs],
             "outputs": [s.model_dump() for s in config.outputs],
@@ -111,7 +115,7 @@ class Protocol:
             "output": [_triton_tensor(s) for s in config.outputs],
             # Triton's way to say "requests are never merged": no dynamic_batching section.
             **({} if config.batch_dependent else {"dynamic_batching": dynamic_batching}),
-            "version_policy": {"latest": {"num_versions": 1}},
+            "version_policy": config.policy.triton(),
             "instance_group": [{"kind": "KIND_CPU", "count": 1}],
             "parameters": {
                 "intra_op_thread_count": {"string_value": str(served.model.threads)},
@@ -121,21 +125,25 @@ class Protocol:
 
     def model_stats(self, name: str | None, version: str | None) -> dict[str, Any]:
         """Triton's statistics extension, for one model or (``name`` None) every served one."""
-        names = [self.store.get(name, version).config.name] if name else list(self.store.served)
+        # Counters are per model (every version together): the collectors have no version.
+        served = [self.store.get(name, version)] if name else list(self.store.served.values())
         stats = self.metrics.model_stats()
-        return {
-            "model_stats": [_stats(self.store.served[n], stats.get(n, ModelStats())) for n in names]
-        }
+        return {"model_stats": [_stats(s, stats.get(s.config.name, ModelStats())) for s in served]}
 
-    def repository_index(self) -> list[dict[str, Any]]:
-        index = [
-            {"name": name, "version": served.version, "state": "READY", "reason": ""}
-            for name, served in self.store.served.items()
-        ] + [
-            {"name": name, "state": "UNAVAILABLE", "reason": reason}
-            for name, reason in self.store.failed.items()
-        ]
-        return sorted(index, key=lambda e: e["name"])
+    # ----------------------------------------------------------------- model repository
+
+    def repository_index(self, ready: bool = False) -> list[dict[str, Any]]:
+        """Every model folder and version, with state and reason (``ready``: READY only)."""
+        return self.control.index(ready)
+
+    async def load_model(self, name: str, config: str | None = None) -> None:
+        """Load or reload ``name`` from the repository (explicit mode); ``config`` is
+        Triton's JSON override of the supported fields. Returns once it is ready."""
+        await self.control.load(name, config)
+
+    async def unload_model(self, name: str) -> None:
+        """Unload ``name`` (explicit mode): refused to new requests at once, drained after."""
+        await self.control.unload(name)
 
     # ----------------------------------------------------------------- inference
 

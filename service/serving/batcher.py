@@ -162,6 +162,12 @@ class Batcher:
         """Gives back a place that ``reserve`` held and no request took."""
         self._reserved -= 1
 
+    @property
+    def held(self) -> int:
+        """Places ``reserve`` holds that no request has taken or given back yet (a replaced
+        model version waits for them before it stops)."""
+        return self._reserved
+
     def enqueue(
         self, inputs: Tensors, deadline: float | None = None, *, reserved: bool = False
     ) -> asyncio.Future[Tensors]:

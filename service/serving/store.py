@@ -1,11 +1,19 @@
-"""The loaded models: one OnnxModel and one Batcher per model, readiness, and inference.
+"""The served model versions: one OnnxModel and one Batcher per version, and inference.
 
-Built in the app's lifespan from the repository. A model that fails to load (bad config,
-a path leaving the repository, sha256 mismatch, onnxruntime refusal, a failed warm-up) is
-kept with its reason: the others are served, the server reports not ready (strict
-readiness, as Triton's default), and requests to the broken model get 503 with the reason.
-``strict_models`` turns any such failure into a start-up failure instead (Triton's
-exit-on-error).
+What is served changes only through ``install`` and ``retire`` (service.serving.control
+decides when: at start-up, on the load/unload API, on a repository poll). Both replace the
+lookup dicts whole, so a request sees either the old set of versions or the new one, and
+the hot path (``admit``/``submit``) stays a few dict lookups with no lock.
+
+A retired version is no longer found by new requests but keeps running until it drains:
+requests that hold a place in its queue from before the swap (``hold``: still reading or
+decoding their body) and requests already queued finish on it; then its batcher stops and
+the session is released.
+
+A model that fails to load (bad config, a path leaving the repository, sha256 mismatch,
+onnxruntime refusal, a failed warm-up) is kept with its reason: the others are served, the
+server reports not ready (strict readiness, as Triton's default), and requests to the
+broken model get 503 with the reason.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -25,15 +34,18 @@ from service.errors import (
     NormserveError,
     RepositoryError,
 )
-from service.repository import MODEL_NAME, ModelConfig, scan_repository, verified_file
+from service.repository import MODEL_NAME, ModelConfig, ModelVersion, verified_file
 from service.serving.batcher import Batcher, BatchRecord
 from service.serving.runtime import OnnxModel, SessionOptions
 from service.settings import Settings
 
 log = logging.getLogger("normserve.store")
 
+# How often a draining version checks whether its held places have been taken.
+_DRAIN_POLL_S = 0.01
 
-@dataclass
+
+@dataclass(eq=False)
 class Served:
     model: OnnxModel
     batcher: Batcher
@@ -45,6 +57,24 @@ class Served:
     @property
     def version(self) -> str:
         return str(self.model.version.version)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``) until every place held in this instance's queue (a
+        request admitted, its body still being read or decoded) is taken or given back,
+        then finish the queue and stop the batcher."""
+        deadline = time.perf_counter() + timeout_s
+        while self.batcher.held > 0 and time.perf_counter() < deadline:
+            await asyncio.sleep(_DRAIN_POLL_S)
+        if self.batcher.held > 0:
+            log.warning(
+                "model '%s' version %s: %d admitted request(s) not queued within %.0f s; "
+                "stopping it anyway",
+                self.config.name,
+                self.version,
+                self.batcher.held,
+                timeout_s,
+            )
+        await self.batcher.stop()
 
 
 @dataclass
@@ -68,80 +98,135 @@ class Place:
 class ModelStore:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # name -> the highest served version (what unversioned requests get).
         self.served: dict[str, Served] = {}
+        # name -> version -> instance, every served version.
+        self.versions: dict[str, dict[str, Served]] = {}
+        # name -> why it is not served (it was asked to be and could not).
         self.failed: dict[str, str] = {}
-
-    def load(self, on_batch: Callable[[BatchRecord], None] | None = None) -> None:
-        """Load and warm up every model (blocking: call from a thread)."""
-        options = SessionOptions(
-            intra_op_threads=self.settings.threads_per_session,
-            graph_optimization_level=self.settings.graph_optimization_level,
+        # Every name ever served or failed here (repository folder names only: bounded).
+        self.known: set[str] = set()
+        self.on_batch: Callable[[BatchRecord], None] | None = None
+        self._options = SessionOptions(
+            intra_op_threads=settings.threads_per_session,
+            graph_optimization_level=settings.graph_optimization_level,
         )
-        configs, failed = scan_repository(self.settings.repository)
-        for name, reason in failed.items():
-            self._fail(name, reason, None)
-        for config in configs:
-            try:
-                version = config.latest
-                path = verified_file(self.settings.repository, config, version)
-                model = OnnxModel(config, version, path, options)
-                seconds = model.warmup()
-            except NormserveError as exc:
-                self._fail(config.name, str(exc), exc.__cause__)
-                continue
-            except Exception as exc:
-                # e.g. the engine cannot run a warm-up of this signature: this model's
-                # problem, not the server's. The cause stays in the log, not in answers.
-                self._fail(config.name, "its warm-up inference failed (see the server log)", exc)
-                continue
-            batching = config.batching
-            self.served[config.name] = Served(
-                model,
-                Batcher(
-                    model,
-                    max_batch_size=min(
-                        batching.max_batch_size or self.settings.max_batch_size,
-                        config.max_batch_size,
-                    ),
-                    max_queue_delay_s=(
-                        batching.max_queue_delay_ms
-                        if batching.max_queue_delay_ms is not None
-                        else self.settings.max_queue_delay_ms
-                    )
-                    / 1000,
-                    max_queue_size=batching.max_queue_size or self.settings.max_queue_size,
-                    on_batch=on_batch,
-                    merge=not config.batch_dependent,
-                ),
-            )
-            log.info(
-                "model '%s' version %d ready (%d threads, warm-up %.1f ms)",
-                config.name,
-                version.version,
-                model.threads,
-                seconds * 1000,
-            )
+        # Retired versions still draining, so that shutdown can wait for them too.
+        self._draining: set[asyncio.Task[None]] = set()
 
-    def _fail(self, name: str, reason: str, cause: BaseException | None) -> None:
-        # The full cause (onnxruntime's own message) is for operators, in the log.
-        log.error("model '%s' not loaded: %s (cause: %r)", name, reason, cause)
-        self.failed[name] = reason
-        if self.settings.strict_models:
-            raise RepositoryError(f"model '{name}' not loaded: {reason} (strict_models is on)")
+    # ----------------------------------------------------------------- building
 
-    def start(self) -> None:
-        for served in self.served.values():
+    def build(self, config: ModelConfig, version: ModelVersion) -> Served:
+        """A loaded and warmed-up instance of ``version`` (blocking: call from a thread);
+        RepositoryError with a reason safe to show when it cannot be."""
+        root: Path = self.settings.repository
+        path = verified_file(root, config, version)
+        model = OnnxModel(config, version, path, self._options)
+        try:
+            seconds = model.warmup()
+        except NormserveError:
+            raise
+        except Exception as exc:
+            # e.g. the engine cannot run a warm-up of this signature: this model's problem,
+            # not the server's. The cause stays in the log, not in answers.
+            log.error("model '%s' warm-up failed: %r", config.name, exc)
+            raise RepositoryError(
+                f"model '{config.name}' version {version.version}: its warm-up inference "
+                "failed (see the server log)"
+            ) from exc
+        batching = config.batching
+        settings = self.settings
+        batcher = Batcher(
+            model,
+            max_batch_size=min(
+                batching.max_batch_size or settings.max_batch_size, config.max_batch_size
+            ),
+            max_queue_delay_s=(
+                batching.max_queue_delay_ms
+                if batching.max_queue_delay_ms is not None
+                else settings.max_queue_delay_ms
+            )
+            / 1000,
+            max_queue_size=batching.max_queue_size or settings.max_queue_size,
+            on_batch=self.on_batch,
+            merge=not config.batch_dependent,
+        )
+        log.info(
+            "model '%s' version %d loaded (%d threads, warm-up %.1f ms)",
+            config.name,
+            version.version,
+            model.threads,
+            seconds * 1000,
+        )
+        return Served(model, batcher)
+
+    # ----------------------------------------------------------------- changing what is served
+
+    def install(self, name: str, instances: list[Served]) -> None:
+        """Serve exactly ``instances`` (started here) for ``name``; the versions they replace
+        drain in the background. Call on the event loop thread."""
+        for served in instances:
             served.batcher.start()
+        versions = {s.version: s for s in instances}
+        self.known.add(name)
+        old = self.versions.get(name, {})
+        self._swap(name, versions)
+        self.failed.pop(name, None)
+        self._retire([s for s in old.values() if versions.get(s.version) is not s])
+
+    def retire(self, name: str) -> list[Served]:
+        """Stop serving ``name`` (every version); they drain in the background."""
+        old = self.versions.get(name, {})
+        self._swap(name, {})
+        self.failed.pop(name, None)
+        self._retire(list(old.values()))
+        return list(old.values())
+
+    def fail(self, name: str, reason: str) -> None:
+        log.error("model '%s' not loaded: %s", name, reason)
+        self.known.add(name)
+        self.failed[name] = reason
+
+    def _swap(self, name: str, versions: dict[str, Served]) -> None:
+        # New dicts, assigned whole: a reader never sees one half-updated.
+        all_versions = {k: v for k, v in self.versions.items() if k != name}
+        served = {k: v for k, v in self.served.items() if k != name}
+        if versions:
+            all_versions[name] = versions
+            served[name] = versions[max(versions, key=int)]
+        self.versions, self.served = all_versions, served
+
+    def _retire(self, old: list[Served]) -> None:
+        for served in old:
+            task = asyncio.create_task(
+                served.drain(self.settings.graceful_shutdown_s),
+                name=f"drain:{served.config.name}:{served.version}",
+            )
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+
+    def draining(self) -> list[tuple[str, str]]:
+        """(name, version) of the retired versions still finishing their requests."""
+        names = (task.get_name().split(":") for task in self._draining if not task.done())
+        return [(parts[1], parts[2]) for parts in names]
 
     async def stop(self) -> None:
-        await asyncio.gather(*(s.batcher.stop() for s in self.served.values()))
+        """Finish every queue and stop every batcher (graceful shutdown)."""
+        live = [s for versions in self.versions.values() for s in versions.values()]
+        await asyncio.gather(
+            *(s.batcher.stop() for s in live), *list(self._draining), return_exceptions=True
+        )
+
+    # ----------------------------------------------------------------- lookups (hot path)
 
     @property
     def ready(self) -> bool:
-        return bool(self.served) and not self.failed
+        return not self.failed and (
+            bool(self.served) or self.settings.model_control_mode == "explicit"
+        )
 
     def names(self) -> list[str]:
-        return sorted([*self.served, *self.failed])
+        return sorted({*self.served, *self.failed})
 
     def get(self, name: str, version: str | None = None) -> Served:
         if not MODEL_NAME.fullmatch(name):
@@ -149,20 +234,26 @@ class ModelStore:
                 f"invalid model name {name[:64]!r}: names are 1-128 letters, digits, '_', '.', '-'"
                 " and start with a letter or digit"
             )
-        served = self.served.get(name)
+        # The unversioned route gets the highest served version.
+        served = self.versions.get(name, {}).get(version) if version else self.served.get(name)
         if served is None:
-            if name in self.failed:
-                raise ModelNotReady(
-                    f"model '{name}' is not available: it failed to load ({self.failed[name]})"
-                )
+            self._missing(name, version)
+        assert served is not None  # _missing always raises
+        return served
+
+    def _missing(self, name: str, version: str | None) -> None:
+        if name in self.failed:
+            raise ModelNotReady(
+                f"model '{name}' is not available: it failed to load ({self.failed[name]})"
+            )
+        versions = self.versions.get(name)
+        if versions is None:
             # Triton's wording, which its clients' examples test for; no list of the others.
             raise ModelNotFound(f"Request for unknown model: '{name}' is not found")
-        if version not in (None, "", served.version):
-            raise ModelNotFound(
-                f"Request for unknown model: '{name}' version '{version[:32]}' is not found; "
-                f"served version: {served.version}"
-            )
-        return served
+        raise ModelNotFound(
+            f"Request for unknown model: '{name}' version '{(version or '')[:32]}' is not "
+            f"found; served versions: {', '.join(sorted(versions, key=int))}"
+        )
 
     def admit(self, name: str, version: str | None = None) -> Served:
         """The model, if it can take one more request now: the cheap checks a transport makes

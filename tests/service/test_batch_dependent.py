@@ -19,8 +19,9 @@ from tiny_onnx import FEATURES, batch_mean_repository, centered
 from service.app import create_app
 from service.repository import ModelConfig, list_models, read_config, verified_file
 from service.serving.batcher import Batcher, BatchRecord
+from service.serving.control import ModelControl
 from service.serving.runtime import OnnxModel, SessionOptions
-from service.serving.store import ModelStore
+from service.serving.store import ModelStore, Served
 from service.settings import Settings
 
 ATOL = 1e-6
@@ -77,12 +78,13 @@ def test_store_honours_the_config_flag(tmp_path: Path, batch_dependent: bool) ->
     repository = batch_mean_repository(tmp_path, batch_dependent=batch_dependent)
     store = ModelStore(Settings(repository=repository))
     records: list[BatchRecord] = []
-    store.load(records.append)
-    served = store.get("centering")
+    store.on_batch = records.append
     inputs = _requests()
+    loaded: list[Served] = []
 
     async def scenario() -> list[np.ndarray]:
-        store.start()
+        await ModelControl(store).start()
+        loaded.append(served := store.get("centering"))
         try:
             answers = await asyncio.gather(*(store.submit(served, {"x": x}, None) for x in inputs))
         finally:
@@ -90,6 +92,7 @@ def test_store_honours_the_config_flag(tmp_path: Path, batch_dependent: bool) ->
         return [a["centered"] for a in answers]
 
     results = asyncio.run(scenario())
+    served = loaded[0]
     alone = [centered(x) for x in inputs]
     if batch_dependent:
         assert served.batcher.merge is False

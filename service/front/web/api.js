@@ -13,7 +13,9 @@ export async function getJSON(url, options = {}) {
 /** The repository index and the ready models' V2 metadata, as the page uses it. */
 export async function loadModels() {
   const index = await getJSON("/v2/repository/index", { ...JSON_POST, body: "{}" });
-  const ready = index.filter((entry) => entry.state === "READY");
+  // One entry per served version: the page shows each model once (its unversioned route).
+  const names = [...new Set(index.filter((e) => e.state === "READY").map((e) => e.name))];
+  const ready = names.map((name) => ({ name }));
   const metadata = await Promise.all(
     ready.map((entry) => getJSON(`/v2/models/${encodeURIComponent(entry.name)}`)),
   );
@@ -27,7 +29,7 @@ function describe(meta) {
   const parameters = meta.parameters || {};
   return {
     name: meta.name,
-    version: meta.versions[0],
+    version: meta.versions.at(-1), // the highest: what the unversioned route serves
     input: input.name,
     inputs: meta.inputs.map((i) => `${i.name} ${i.datatype} [${i.shape.join(", ")}]`),
     dims,
