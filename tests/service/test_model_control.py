@@ -25,7 +25,15 @@ import tritonclient.http as httpclient
 from onnx import TensorProto, helper, numpy_helper
 from servers import RunningServer, running_server
 from starlette.testclient import TestClient
-from tiny_onnx import BIAS, CLASSES, FEATURES, WEIGHT, expected, save_checked
+from tiny_onnx import (
+    BIAS,
+    CLASSES,
+    FEATURES,
+    WEIGHT,
+    expected,
+    save_checked,
+    triton_examples_repository,
+)
 from tritonclient.utils import InferenceServerException
 
 from service.app import create_app
@@ -40,7 +48,7 @@ from service.repository import (
     write_config,
 )
 from service.serving.control import ModelControl
-from service.serving.store import ModelStore
+from service.serving.store import ModelStore, Served
 from service.settings import Settings
 
 X = np.arange(2 * FEATURES, dtype=np.float32).reshape(2, FEATURES) / 7
@@ -235,12 +243,12 @@ def test_load_model_flag_repeats_and_takes_lists(repository: Path, tmp_path: Pat
         }
 
 
-def test_the_steps_of_tritons_model_control_example(repository: Path, tmp_path: Path) -> None:
+def test_the_steps_of_tritons_model_control_example(tmp_path: Path) -> None:
     """What Triton's simple_http_model_control.py does, in its order and with its values
     (a config override with max_batch_size as a string, as protobuf's JSON allows), over a
-    repository of seven model folders, none loaded at start."""
-    names = ["simple", *(f"other{i}" for i in range(6))]
-    for name in names:
+    repository of seven model folders with Triton's ``simple`` among them, none loaded."""
+    repository = triton_examples_repository(tmp_path)
+    for name in (f"other{i}" for i in range(4)):
         add_version(repository, name, 1)
     args = ("--access-log", "false", "--model-control-mode", "explicit")
     with running_server(repository, tmp_path, *args) as srv:
@@ -473,6 +481,13 @@ def test_replaced_and_unloaded_versions_finish_what_they_admitted(repository: Pa
     def states(name: str) -> list[tuple[str | None, str]]:
         return [(e.get("version"), e["state"]) for e in control.index() if e["name"] == name]
 
+    async def drained() -> None:
+        for _ in range(1000):  # 10 s at most: a drain here takes milliseconds
+            if not store.draining():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"still draining: {store.draining()}")
+
     async def scenario() -> None:
         await control.start()
         old_place = store.hold("a")  # admitted; its body is "still being read"
@@ -482,11 +497,23 @@ def test_replaced_and_unloaded_versions_finish_what_they_admitted(repository: Pa
             place = store.hold("a")
             queued.append(store.submit(place.served, {"x": X}, None, place))
 
+        # b's build waits at a gate (in its thread), so that LOADING is seen for certain.
+        gate, build = threading.Event(), store.build
+
+        def gated(config: ModelConfig, version: ModelVersion) -> Served:
+            gate.wait(timeout=30)
+            return build(config, version)
+
+        store.build = gated  # type: ignore[method-assign]
         loading = asyncio.create_task(control.load("b"))
-        while not states("b") or states("b")[0][1] != "LOADING":
-            await asyncio.sleep(0.001)
+        for _ in range(1000):
+            if states("b") == [("1", "LOADING")]:
+                break
+            await asyncio.sleep(0.005)
         assert states("b") == [("1", "LOADING")]
+        gate.set()
         await loading
+        store.build = build  # type: ignore[method-assign]
         assert states("b") == [("1", "READY")]
 
         override = json.dumps({"dynamic_batching": {"max_queue_delay_microseconds": 100}})
@@ -498,8 +525,7 @@ def test_replaced_and_unloaded_versions_finish_what_they_admitted(repository: Pa
         late = store.submit(old, {"x": X}, None, old_place)  # and it arrives now
         for answer in await asyncio.gather(*queued, late):
             np.testing.assert_allclose(answer["scores"], expected(X) + 1, atol=1e-5)
-        while store.draining():
-            await asyncio.sleep(0.01)
+        await drained()
         with pytest.raises(ModelNotReady, match="not accepting requests"):
             old.batcher.check_room()  # released once drained
 
@@ -511,8 +537,7 @@ def test_replaced_and_unloaded_versions_finish_what_they_admitted(repository: Pa
             store.admit("b")
         answer = await store.submit(held.served, {"x": X}, None, held)
         np.testing.assert_allclose(answer["scores"], expected(X) + 1, atol=1e-5)
-        while store.draining():
-            await asyncio.sleep(0.01)
+        await drained()
         assert states("b") == [(None, "UNAVAILABLE")]
         await store.stop()
 
