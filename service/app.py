@@ -4,7 +4,9 @@
 at import time. The models load and warm up in the lifespan (in a thread, so the event
 loop stays free) and the batchers start there, bound to the running loop. Every HTTP
 request goes to the front's one dispatcher (service.front.dispatch), which serves the one
-route table (service.front.table).
+route table (service.front.table). The gRPC server (service.grpc), when ``grpc_port`` is
+not 0, runs on the same loop over the same ``Protocol``, started after the models load and
+stopped (drained) before the batchers stop.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from service.webdata import SamplesFile
 
 if TYPE_CHECKING:
     from service.operations.otel import Tracing
+    from service.grpc.server import GrpcServer
 
 log = logging.getLogger("normserve")
 
@@ -60,6 +63,7 @@ class NormserveApp:
             openapi=document(self.router.routes),
         )
         self.http = HttpFront(self.context, self.router, settings.access_log, traces)
+        self.grpc: GrpcServer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -86,7 +90,10 @@ class NormserveApp:
         drain_before_exit(self.settings.drain_delay_s, self.protocol.drain)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
-        # uvicorn has finished the in-flight requests before this point; drain the queues.
+        # uvicorn has finished the in-flight HTTP requests before this point; gRPC's are
+        # finished (or, past the grace period, cancelled) here, then the queues drained.
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.graceful_shutdown_s)
         await self.store.stop()
         self.context.decoder.close()
         self.metrics.close()
@@ -100,6 +107,12 @@ class NormserveApp:
         self.store.start()
         for name in self.store.names():
             self.metrics.model_ready.labels(name).set(1 if name in self.store.served else 0)
+        if self.settings.grpc_port:
+            # Imported only when used: grpcio is not needed to serve HTTP alone.
+            from service.grpc.server import GrpcServer
+
+            self.grpc = GrpcServer(self.protocol, self.settings)
+            await self.grpc.start()
         log.info(
             "serving %d model(s) from %s, ready=%s, start-up %.2f s",
             len(self.store.served),
