@@ -31,7 +31,7 @@ from benchmarks.perf_analyzer import (
 )
 from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
-from benchmarks.serving import bench_repository, bodies, running_normserve
+from benchmarks.serving import bench_repository, bodies, grpc_body, running_normserve
 from benchmarks.wrk import wrk_available
 from service.settings import cpu_budget
 
@@ -274,6 +274,8 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
             )
         )
         targets = [Target("normserve", on.url, on.pid, wire[f]) for f in wire]
+        # The gRPC API of the same server, raw contents (tritonclient.grpc's way).
+        targets.append(Target("normserve", on.grpc_url, on.pid, grpc_body(name, sample)))
         targets += [
             Target("normserve, batching off", off.url, off.pid, wire[f])
             for f in ("v2-json", "v2-binary")

@@ -100,6 +100,32 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{http_p50:.3f} vs {local:.3f} ms",
             )
         )
+        # gRPC (raw contents) beside HTTP binary on the same server.
+        grpc_rate = _http(report, model, "normserve", "grpc-raw", 64).get(
+            "requests_per_s", math.nan
+        )
+        binary_rate = _http(report, model, "normserve", "v2-binary", 64).get(
+            "requests_per_s", math.nan
+        )
+        goals.append(
+            _goal(
+                f"{model}: gRPC raw req/s at c=64 vs HTTP binary",
+                grpc_rate / binary_rate,
+                ">= 1",
+                None if math.isnan(grpc_rate) else grpc_rate / binary_rate >= 1,
+                f"{grpc_rate:.0f} vs {binary_rate:.0f} req/s",
+            )
+        )
+        grpc_p50 = _http(report, model, "normserve", "grpc-raw", 1).get("p50_ms", math.nan)
+        goals.append(
+            _goal(
+                f"{model}: c=1 p50 gRPC raw minus HTTP binary",
+                grpc_p50 - http_p50,
+                "<= 0.1 ms",
+                None if math.isnan(grpc_p50) else grpc_p50 - http_p50 <= 0.1,
+                f"{grpc_p50:.3f} vs {http_p50:.3f} ms",
+            )
+        )
         off = _http(report, model, "normserve, batching off", "v2-binary", 1).get(
             "p50_ms", math.nan
         )

@@ -62,6 +62,7 @@ def test_every_http_target_answered_without_errors(smoke_report: dict[str, Any])
     multi = multi_server_name(cpu_budget())
     assert targets == {
         ("normserve", "v2-json"), ("normserve", "v2-binary"), ("normserve", "v1-json"),
+        ("normserve", "grpc-raw"),
         ("normserve, batching off", "v2-json"), ("normserve, batching off", "v2-binary"),
     } | ({(multi, "v2-json"), (multi, "v2-binary")} if cpu_budget() > 1 else set())  # fmt: skip
     for row in series:
@@ -134,6 +135,8 @@ def test_goal_arithmetic() -> None:
             row("normserve", "v2-json", 1, 500.0, 0.9, 1.0),
             row("mlserver", "v2-json", 1, 300.0, 1.0, 0.5),
             row("normserve, batching off", "v2-binary", 1, 500.0, 0.7, 1.0),
+            row("normserve", "grpc-raw", 64, 1080.0, 10, 20),
+            row("normserve", "grpc-raw", 1, 500.0, 0.75, 1.0),
         ], "rss_after_load_bytes": {"normserve": 100 * 2**20}}},
     }  # fmt: skip
     goals = {g["goal"]: g for g in evaluate_goals(report)}
@@ -148,6 +151,10 @@ def test_goal_arithmetic() -> None:
     int8 = goals["m: ort int8 b32 vs served fp32"]
     assert math.isclose(int8["measured"], 1.6) and int8["met"] is True  # 0.5-point drop: met
     assert goals["m: RSS after load, one worker"]["met"] is True
+    grpc_rate = goals["m: gRPC raw req/s at c=64 vs HTTP binary"]
+    assert math.isclose(grpc_rate["measured"], 1.2) and grpc_rate["met"] is True
+    grpc_p50 = goals["m: c=1 p50 gRPC raw minus HTTP binary"]
+    assert math.isclose(grpc_p50["measured"], 0.05) and grpc_p50["met"] is True
 
 
 def test_export_time_is_measured_side_by_side(smoke_report: dict[str, Any]) -> None:
