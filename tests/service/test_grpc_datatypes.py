@@ -162,3 +162,14 @@ def test_bytes_must_be_utf8_for_string_tensors(stub: Any) -> None:
         stub.ModelInfer(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "BYTES element 1 is not UTF-8" in error.value.details()
+
+
+def test_model_config_names_every_datatype_as_triton_does(server: RunningServer) -> None:
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    config = client.get_model_config("echo", as_json=True)["config"]
+    types = {tensor["name"]: tensor["data_type"] for tensor in config["input"]}
+    assert types["in_BYTES"] == "TYPE_STRING"  # Triton's name for BYTES
+    assert types["in_FP64"] == "TYPE_FP64" and types["in_BOOL"] == "TYPE_BOOL"
+    metadata = client.get_model_metadata("echo", as_json=True)
+    assert {t["name"]: t["datatype"] for t in metadata["inputs"]}["in_BYTES"] == "BYTES"
+    client.close()
