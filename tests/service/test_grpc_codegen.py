@@ -93,3 +93,18 @@ def test_rpcs_match_triton() -> None:
         )
     served = {m.name for m in ours.methods}
     assert {"ModelInfer", "ModelStreamInfer", "ModelConfig", "RepositoryIndex"} <= served
+
+
+def test_http_alone_never_imports_grpc() -> None:
+    """grpcio and the generated modules load only when the gRPC port is on (service.app
+    imports service.grpc.server in the lifespan): a child process, as this one has grpc."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, service.app, service.front.dispatch, service.protocol.handlers; "
+        "loaded = sorted(m for m in sys.modules if m == 'grpc' or m.startswith(('grpc.', "
+        "'service.grpc'))); print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
