@@ -90,8 +90,9 @@ class NormserveApp:
         drain_before_exit(self.settings.drain_delay_s, self.protocol.drain)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
-        # uvicorn has finished the in-flight HTTP requests before this point; gRPC's are
-        # finished (or, past the grace period, cancelled) here, then the queues drained.
+        # uvicorn has finished the in-flight HTTP requests before this point; gRPC's drain
+        # began at the signal, beside HTTP's, and ends here (past the grace period, what is
+        # left is cancelled); then the queues drain.
         if self.grpc is not None:
             await self.grpc.stop(self.settings.graceful_shutdown_s)
         await self.store.stop()
@@ -113,6 +114,7 @@ class NormserveApp:
 
             self.grpc = GrpcServer(self.protocol, self.settings)
             await self.grpc.start()
+            self.grpc.drain_on_signals(self.settings.graceful_shutdown_s)
         log.info(
             "serving %d model(s) from %s, ready=%s, start-up %.2f s",
             len(self.store.served),

@@ -10,7 +10,12 @@ streams per connection, keepalive pings.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import threading
+from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -51,6 +56,7 @@ class GrpcServer:
         self.protocol = protocol
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
+        self._stopping: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         """Binds and starts serving; raises (start-up fails) when the port cannot be bound."""
@@ -83,12 +89,46 @@ class GrpcServer:
 
     async def stop(self, grace_s: float) -> None:
         """Refuses new RPCs, lets those in progress finish for up to ``grace_s``, then
-        cancels what is left (streams included)."""
+        cancels what is left (streams included). Already under way since the signal, if
+        one came (``drain_on_signals``): then this waits for that drain."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        await self._stopping
+
+    async def _stop(self, grace_s: float) -> None:
         if self.server is None:
             return
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
         self.server = None
+
+    def drain_on_signals(self, grace_s: float) -> None:
+        """Starts the drain when SIGTERM or SIGINT arrives, beside uvicorn's own drain of HTTP.
+
+        uvicorn tells the app about shutdown only after its HTTP connections are done (up
+        to ``graceful_shutdown_s``); starting gRPC's drain only then would make the worst
+        case twice that, past a pod's termination grace period. uvicorn's handlers are
+        chained, not replaced, and it restores the original ones when it exits. Signal
+        handlers belong to the main thread: an app run elsewhere (a test client) drains at
+        lifespan shutdown instead.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def handler(signum: int, frame: FrameType | None, previous: Any = previous) -> None:
+                loop.call_soon_threadsafe(self._begin_stop, grace_s)
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
+
+    def _begin_stop(self, grace_s: float) -> None:
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
 
 
 def _host(host: str) -> str:
