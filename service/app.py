@@ -87,7 +87,7 @@ class NormserveApp:
         if "state" in scope:
             scope["state"][EARLY_REFUSAL] = self.http.refuse_early
         # After the server installed its signal handlers: SIGTERM makes readiness 503 first.
-        drain_before_exit(self.settings.drain_delay_s, self.protocol.drain)
+        drain_before_exit(self.settings.drain_delay_s, self._begin_drain)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
         # uvicorn has finished the in-flight HTTP requests before this point; gRPC's drain
@@ -101,6 +101,13 @@ class NormserveApp:
         if self.tracing is not None:
             self.tracing.shutdown()  # exports the spans still buffered
         await send({"type": "lifespan.shutdown.complete"})
+
+    def _begin_drain(self) -> None:
+        """At the first SIGTERM/SIGINT (from the signal handler): not ready on either
+        transport, while both still serve until their listeners close."""
+        self.protocol.drain()
+        if self.grpc is not None:
+            self.grpc.not_serving()
 
     async def _startup(self) -> None:
         started = time.perf_counter()

@@ -57,6 +57,7 @@ class GrpcServer:
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self._stopping: asyncio.Future[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
         """Binds and starts serving; raises (start-up fails) when the port cannot be bound."""
@@ -78,6 +79,7 @@ class GrpcServer:
             ) from None
         await server.start()
         self.server = server
+        self._loop = asyncio.get_running_loop()
         status = (
             health_pb2.HealthCheckResponse.SERVING
             if self.protocol.ready()
@@ -102,8 +104,16 @@ class GrpcServer:
         await self.server.stop(grace_s)
         self.server = None
 
+    def not_serving(self) -> None:
+        """grpc.health.v1 answers NOT_SERVING from now on (safe from a signal handler)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                lambda: asyncio.ensure_future(self.health.enter_graceful_shutdown())
+            )
+
     def drain_on_signals(self, grace_s: float) -> None:
-        """Starts the drain when SIGTERM or SIGINT arrives, beside uvicorn's own drain of HTTP.
+        """Starts the drain when uvicorn's exit handler runs (at SIGTERM or SIGINT, or
+        ``drain_delay_s`` later: service.front.drain wraps this), beside its drain of HTTP.
 
         uvicorn tells the app about shutdown only after its HTTP connections are done (up
         to ``graceful_shutdown_s``); starting gRPC's drain only then would make the worst

@@ -122,13 +122,6 @@ def env_of(container: Doc) -> dict[str, str]:
     return env
 
 
-def http_port(container: Doc) -> int:
-    """The container's HTTP port (named http, or http1 as KServe names it); a second one,
-    named grpc, may sit beside it (tests/deploy/test_manifests_grpc.py)."""
-    (port,) = [p["containerPort"] for p in container["ports"] if p["name"] in ("http", "http1")]
-    return int(port)
-
-
 def resolve_port(port: int | str, container: Doc) -> int:
     """A probe or Service port: a number, or the name of one of the container's ports."""
     if isinstance(port, int):
