@@ -146,21 +146,3 @@ def _unbatched_hint(spec: TensorSpec, shape: list[int]) -> str:
     ):
         return f"; the batch dimension is missing: send shape [1, {', '.join(map(str, shape))}]"
     return ""
-
-
-def _as_text(spec: TensorSpec, array: np.ndarray) -> np.ndarray:
-    """BYTES elements as str: onnxruntime's string tensors take str objects and turn a bytes
-    object into its repr (b'ab' became the text "b'ab'"), so they are decoded here, once."""
-    flat = array.reshape(-1)
-    text = np.empty(flat.shape, dtype=np.object_)
-    for index, value in enumerate(flat):
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                raise InvalidInput(
-                    f"input '{spec.name}': BYTES element {index} is not UTF-8 text, which the "
-                    "model's string tensors need"
-                ) from None
-        text[index] = value
-    return text.reshape(array.shape)
