@@ -22,7 +22,11 @@ from servers import ROOT, RunningServer, running_server
 
 # Looked up, not imported: importing it here would clash with tritonclient.grpc (see above).
 if importlib.util.find_spec("kserve") is None:
-    pytest.skip("kserve is not installed (dev extra)", allow_module_level=True)
+    pytest.skip(
+        "the kserve package is not installed (not a project dependency: it pulls in the "
+        "Kubernetes client and pandas); pip install kserve to run KServe's gRPC client",
+        allow_module_level=True,
+    )
 
 CLIENT = r"""
 import asyncio, json, sys
