@@ -1,5 +1,4 @@
-"""HTTP and gRPC load: every (server, wire format) pair under wrk (gRPC: benchmarks.grpc_load)
-at each concurrency, interleaved.
+"""HTTP load: every (server, wire format) pair under wrk at each concurrency, interleaved.
 
 All servers run side by side for the whole measurement, and each round visits every
 concurrency and every pair before the next round starts, so a slow period of this shared VM
@@ -17,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchmarks.engines import CLOCK_TICKS, Sample, busy_ticks, own_ticks, quiet_median
-from benchmarks.grpc_load import run_grpc_load
 from benchmarks.serving import Body
 from benchmarks.wrk import WrkResult, process_cpu_seconds, run_wrk
 
@@ -88,23 +86,7 @@ def measure(target: Target, concurrency: int, duration_s: float, workdir: Path) 
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy, own, server = busy_ticks(), own_ticks(), process_cpu_seconds(target.pid)
     start = time.perf_counter()
-    if target.body.format.startswith("grpc"):
-        result = run_grpc_load(target.url, target.body.content, concurrency, duration_s, workdir)
-    else:
-        result = _wrk(target, concurrency, duration_s, workdir)
-    elapsed = time.perf_counter() - start
-    server_s = process_cpu_seconds(target.pid) - server
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # The load generator's CPU (wrk, or the gRPC one), a child process of this one.
-    wrk_s = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
-    total_s = (busy_ticks() - busy) / CLOCK_TICKS
-    own_s = (own_ticks() - own) / CLOCK_TICKS
-    other = max(0.0, total_s - server_s - wrk_s - own_s) / elapsed
-    return Point(result, server_s / elapsed, other)
-
-
-def _wrk(target: Target, concurrency: int, duration_s: float, workdir: Path) -> WrkResult:
-    return run_wrk(
+    result = run_wrk(
         target.url + target.body.path,
         target.body.content,
         content_type=target.body.content_type,
@@ -114,6 +96,14 @@ def _wrk(target: Target, concurrency: int, duration_s: float, workdir: Path) -> 
         duration_s=duration_s,
         workdir=workdir,
     )
+    elapsed = time.perf_counter() - start
+    server_s = process_cpu_seconds(target.pid) - server
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_s = (after.ru_utime - children.ru_utime) + (after.ru_stime - children.ru_stime)
+    total_s = (busy_ticks() - busy) / CLOCK_TICKS
+    own_s = (own_ticks() - own) / CLOCK_TICKS
+    other = max(0.0, total_s - server_s - wrk_s - own_s) / elapsed
+    return Point(result, server_s / elapsed, other)
 
 
 def load_matrix(

@@ -30,8 +30,8 @@ READY_WITHIN_S = 120.0
 class Body:
     """One request as it goes over the wire, for wrk and for the first-inference check."""
 
-    format: str  # "v2-json" | "v2-binary" | "v1-json" | "grpc-raw"
-    path: str  # "/v2/models/<m>/infer", "/v1/models/<m>:predict" or the gRPC method
+    format: str  # "v2-json" | "v2-binary" | "v1-json"
+    path: str  # "/v2/models/<m>/infer" or "/v1/models/<m>:predict"
     content: bytes
     content_type: str
     headers: dict[str, str]
@@ -66,27 +66,6 @@ def bodies(
     }
 
 
-def grpc_body(
-    model: str, sample: np.ndarray, input_name: str = "input", output_name: str = "logits"
-) -> Body:
-    """The same one-sample request as a serialized gRPC ModelInferRequest with raw contents,
-    as tritonclient.grpc sends it."""
-    from service.grpc.generated import grpc_service_pb2 as pb
-
-    x = np.ascontiguousarray(sample[None], dtype=np.float32)
-    request = pb.ModelInferRequest(model_name=model)
-    request.inputs.add(name=input_name, datatype="FP32", shape=x.shape)
-    request.outputs.add(name=output_name)
-    request.raw_input_contents.append(x.tobytes())
-    return Body(
-        "grpc-raw",
-        "/inference.GRPCInferenceService/ModelInfer",
-        request.SerializeToString(),
-        "application/grpc",
-        {},
-    )
-
-
 def bench_repository(models: list[Exported], root: Path) -> Path:
     """A model repository holding each benchmark model's folded ONNX file, as published by
     the export tool (batches up to 128, so in-process and served batches compare)."""
@@ -109,7 +88,7 @@ class Server:
     url: str  # http://127.0.0.1:PORT
     pid: int
     cold_start_s: float  # process start to the first successful inference
-    grpc_url: str  # 127.0.0.1:PORT of its gRPC API
+    grpc_url: str  # 127.0.0.1:PORT of its gRPC API (perf_analyzer -i grpc loads it)
 
 
 def first_inference_s(
