@@ -33,8 +33,8 @@ from service.settings import Settings
 from service.webdata import SamplesFile
 
 if TYPE_CHECKING:
-    from service.operations.otel import Tracing
     from service.grpc.server import GrpcServer
+    from service.operations.otel import Tracing
 
 log = logging.getLogger("normserve")
 

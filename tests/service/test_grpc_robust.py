@@ -7,8 +7,8 @@ request; with --workers 2 both processes serve the one port.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-import re
 import signal
 import time
 from collections import Counter
@@ -138,7 +138,7 @@ def test_sigterm_under_load_loses_no_accepted_request(
     """Clients keep sending while the server gets SIGTERM: each request is either answered
     OK or refused before the app took it; none that the app accepted is dropped (its access
     log holds only OK answers, as many as the clients received)."""
-    with running_server(built_repository[0], tmp_path, grpc=True) as srv:
+    with running_server(built_repository[0], tmp_path, "--log-format", "json", grpc=True) as srv:
         x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
         outcomes: Counter[str] = Counter()
         after_signal: Counter[str] = Counter()
@@ -178,10 +178,9 @@ def test_sigterm_under_load_loses_no_accepted_request(
     assert outcomes - after_signal == Counter(OK=outcomes["OK"] - after_signal["OK"]), outcomes
     assert outcomes["OK"] > 32, outcomes
     # Every call the app accepted was answered OK, and the clients got each of those answers.
-    log = srv.log_path.read_text()
-    answered = re.findall(
-        r'"path":"/inference.GRPCInferenceService/ModelInfer","status":"(\w+)"', log
-    )
+    lines = [json.loads(line) for line in srv.log_path.read_text().splitlines()]
+    infer = "/inference.GRPCInferenceService/ModelInfer"
+    answered = [line["status"] for line in lines if line.get("path") == infer]
     assert set(answered) == {"OK"} and len(answered) == outcomes["OK"], (
         Counter(answered),
         outcomes,
