@@ -70,6 +70,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     NORMSERVE_HOST=0.0.0.0 \
     NORMSERVE_PORT=8000 \
+    NORMSERVE_GRPC_PORT=8001 \
     NORMSERVE_REPOSITORY=/models \
     NORMSERVE_LOG_FORMAT=json \
     ORT_DISABLE_TELEMETRY=1
@@ -85,7 +86,8 @@ RUN python3 -m compileall -q /app/service \
  && python3 -c "import pathlib, sysconfig; pathlib.Path(sysconfig.get_path('purelib'), 'normserve.pth').write_text('/app\n')"
 WORKDIR /
 USER 10001:10001
-EXPOSE 8000
+# HTTP (REST) and the Open Inference Protocol's gRPC API.
+EXPOSE 8000 8001
 # The slim image has no curl: a standard-library probe of /v2/health/ready.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python3", "-m", "service.healthcheck"]

@@ -306,7 +306,9 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
         )
         series = load_matrix(targets, concurrencies, args.http_rounds, args.duration, work, log)
         data = write_input_data(work / f"perf_analyzer-{name}.json", {"input": sample})
-        result["perf_analyzer"] = perf_analyzer_rows(name, on.url, data, concurrencies, args, work)
+        result["perf_analyzer"] = perf_analyzer_rows(
+            name, on.url, data, concurrencies, args, work, grpc_url=on.grpc_url
+        )
         result["rss_after_load_bytes"] = {"normserve": tree_rss_bytes(on.pid)}
         if workers > 1:
             result["rss_after_load_bytes"][multi_server_name(workers)] = tree_rss_bytes(multi.pid)
@@ -331,21 +333,30 @@ def perf_analyzer_rows(
     concurrencies: list[int],
     args: argparse.Namespace,
     work: Path,
+    grpc_url: str | None = None,
 ) -> dict[str, Any]:
     """Triton's own load generator against the same server and sample as wrk, binary and
-    JSON: its client latencies and the server-side breakdown it reads from the statistics."""
+    JSON, and over gRPC (raw contents, ``-i grpc``) when ``grpc_url`` is given: its client
+    latencies and the server-side breakdown it reads from the statistics."""
     reason = perf_analyzer_available()
     if reason is not None:
         log(f"perf_analyzer skipped: {reason}")
         return {"skipped": reason}
     rows = []
+    ways: list[tuple[str, str, str]] = [
+        ("http", "binary", "v2-binary"),
+        ("http", "json", "v2-json"),
+    ]
+    if grpc_url is not None:
+        ways.append(("grpc", "binary", "grpc-raw"))
     for concurrency in concurrencies:
-        for fmt in ("binary", "json"):
+        for protocol, fmt, label in ways:
             r = run_perf_analyzer(
-                url.removeprefix("http://"),
+                url.removeprefix("http://") if protocol == "http" else grpc_url or "",
                 model,
+                protocol="grpc" if protocol == "grpc" else "http",
                 concurrency=concurrency,
-                input_format=fmt,
+                input_format="binary" if protocol == "grpc" else fmt,
                 input_data=input_data,
                 window_ms=int(args.duration * 1000),
                 stability_percent=1000,  # any 3 windows: a shared VM is never "stable"
@@ -354,13 +365,13 @@ def perf_analyzer_rows(
             )
             s = r.server
             log(
-                f"  perf_analyzer c={concurrency:<3} v2-{fmt:<6} {r.throughput_per_s:8.0f} req/s"
+                f"  perf_analyzer c={concurrency:<3} {label:<9} {r.throughput_per_s:8.0f} req/s"
                 f"  p50 {r.p50_us / 1000:6.2f} ms  p99 {r.p99_us / 1000:6.2f} ms  server: queue "
                 f"{s.queue_us:.0f} + input {s.compute_input_us:.0f} + infer "
                 f"{s.compute_infer_us:.0f} + output {s.compute_output_us:.0f} + overhead "
                 f"{s.overhead_us:.0f} µs"
             )
-            rows.append({"format": f"v2-{fmt}", **r.to_dict()})
+            rows.append({"format": label, **r.to_dict()})
     return {"rows": rows}
 
 

@@ -34,6 +34,40 @@ def _goal(name: str, measured: float, target: str, met: bool | None, detail: str
     return {"goal": name, "measured": measured, "target": target, "met": met, "detail": detail}
 
 
+def _grpc_goals(report: dict[str, Any], model: str) -> list[dict[str, Any]]:
+    """gRPC (raw contents) against HTTP binary on the same server, both loaded by
+    perf_analyzer (one C++ client for both, so the comparison is the servers')."""
+    rows = report["http"][model].get("perf_analyzer", {}).get("rows", [])
+
+    def pick(fmt: str, concurrency: int, key: str) -> float:
+        found = [r[key] for r in rows if r["format"] == fmt and r["concurrency"] == concurrency]
+        return float(found[0]) if found else math.nan
+
+    grpc_rate, http_rate = (
+        pick("grpc-raw", 64, "throughput_per_s"),
+        pick("v2-binary", 64, "throughput_per_s"),
+    )
+    grpc_p50 = pick("grpc-raw", 1, "p50_us") / 1000
+    http_p50 = pick("v2-binary", 1, "p50_us") / 1000
+    measured = not math.isnan(grpc_rate + http_rate)
+    return [
+        _goal(
+            f"{model}: gRPC raw req/s at c=64 vs HTTP binary (perf_analyzer)",
+            grpc_rate / http_rate,
+            ">= 1",
+            grpc_rate / http_rate >= 1 if measured else None,
+            f"{grpc_rate:.0f} vs {http_rate:.0f} req/s",
+        ),
+        _goal(
+            f"{model}: c=1 p50 gRPC raw minus HTTP binary (perf_analyzer)",
+            grpc_p50 - http_p50,
+            "<= 0.1 ms",
+            grpc_p50 - http_p50 <= 0.1 if measured else None,
+            f"{grpc_p50:.3f} vs {http_p50:.3f} ms",
+        ),
+    ]
+
+
 def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     goals: list[dict[str, Any]] = []
     threads = max(
@@ -100,6 +134,7 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 f"{http_p50:.3f} vs {local:.3f} ms",
             )
         )
+        goals += _grpc_goals(report, model)
         off = _http(report, model, "normserve, batching off", "v2-binary", 1).get(
             "p50_ms", math.nan
         )

@@ -88,6 +88,7 @@ class Server:
     url: str  # http://127.0.0.1:PORT
     pid: int
     cold_start_s: float  # process start to the first successful inference
+    grpc_url: str  # 127.0.0.1:PORT of its gRPC API (perf_analyzer -i grpc loads it)
 
 
 def first_inference_s(
@@ -122,13 +123,15 @@ def running_normserve(
     settings: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """``python -m service`` on a free loopback port with NORMSERVE_* ``settings``."""
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     log = log_dir / f"{name}.log"
     env = {
         **os.environ,
         "PYTHONPATH": str(ROOT),
         "NORMSERVE_ACCESS_LOG": "false",  # a log line per request would be measured too
         "NORMSERVE_LOG_LEVEL": "warning",
+        # A port of its own: servers side by side on one (SO_REUSEPORT) would share the load.
+        "NORMSERVE_GRPC_PORT": str(grpc_port),
         **(settings or {}),
     }
     command = [sys.executable, "-m", "service", "--repository", str(repository),
@@ -139,7 +142,7 @@ def running_normserve(
     try:
         url = f"http://127.0.0.1:{port}"
         cold = first_inference_s(url, probe, started, proc, log)
-        yield Server(name, url, proc.pid, cold)
+        yield Server(name, url, proc.pid, cold, f"127.0.0.1:{env['NORMSERVE_GRPC_PORT']}")
     finally:
         if proc.poll() is None:  # only the process started here, by its PID
             os.kill(proc.pid, signal.SIGTERM)

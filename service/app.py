@@ -4,7 +4,9 @@
 at import time. The models load and warm up in the lifespan (in a thread, so the event
 loop stays free) and the batchers start there, bound to the running loop. Every HTTP
 request goes to the front's one dispatcher (service.front.dispatch), which serves the one
-route table (service.front.table).
+route table (service.front.table). The gRPC server (service.grpc), when ``grpc_port`` is
+not 0, runs on the same loop over the same ``Protocol``, started after the models load and
+stopped (drained) before the batchers stop.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from service.settings import Settings
 from service.webdata import SamplesFile
 
 if TYPE_CHECKING:
+    from service.grpc.server import GrpcServer
     from service.operations.otel import Tracing
 
 log = logging.getLogger("normserve")
@@ -59,6 +62,7 @@ class NormserveApp:
             openapi=document(self.router.routes),
         )
         self.http = HttpFront(self.context, self.router, settings.access_log, traces)
+        self.grpc: GrpcServer | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -82,10 +86,14 @@ class NormserveApp:
         if "state" in scope:
             scope["state"][EARLY_REFUSAL] = self.http.refuse_early
         # After the server installed its signal handlers: SIGTERM makes readiness 503 first.
-        drain_before_exit(self.settings.drain_delay_s, self.protocol.drain)
+        drain_before_exit(self.settings.drain_delay_s, self._begin_drain)
         await send({"type": "lifespan.startup.complete"})
         await receive()  # lifespan.shutdown
-        # uvicorn has finished the in-flight requests before this point; drain the queues.
+        # uvicorn has finished the in-flight HTTP requests before this point; gRPC's drain
+        # began at the signal, beside HTTP's, and ends here (past the grace period, what is
+        # left is cancelled); then model control stops and the queues drain.
+        if self.grpc is not None:
+            await self.grpc.stop(self.settings.graceful_shutdown_s)
         await self.protocol.control.stop()
         await self.store.stop()
         self.context.decoder.close()
@@ -94,9 +102,23 @@ class NormserveApp:
             self.tracing.shutdown()  # exports the spans still buffered
         await send({"type": "lifespan.shutdown.complete"})
 
+    def _begin_drain(self) -> None:
+        """At the first SIGTERM/SIGINT (from the signal handler): not ready on either
+        transport, while both still serve until their listeners close."""
+        self.protocol.drain()
+        if self.grpc is not None:
+            self.grpc.not_serving()
+
     async def _startup(self) -> None:
         started = time.perf_counter()
         await self.protocol.control.start()
+        if self.settings.grpc_port:
+            # Imported only when used: grpcio is not needed to serve HTTP alone.
+            from service.grpc.server import GrpcServer
+
+            self.grpc = GrpcServer(self.protocol, self.settings)
+            await self.grpc.start()
+            self.grpc.drain_on_signals(self.settings.graceful_shutdown_s)
         log.info(
             "serving %d model(s) from %s (model control: %s), ready=%s, start-up %.2f s",
             len(self.store.served),

@@ -37,6 +37,24 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 in a container).")
     port: Annotated[int, Field(ge=1, le=65535)] = Field(8000, description="TCP port.")
+    grpc_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        8001,
+        description="TCP port of the Open Inference Protocol's gRPC API (service.grpc), on the "
+        "same host; 0 turns gRPC off. Every worker listens on it (SO_REUSEPORT).",
+    )
+    grpc_max_concurrent_rpcs: Annotated[int, Field(ge=1)] = Field(
+        1024,
+        description="RPCs (streams included) in progress per process; beyond it a new one is "
+        "refused with RESOURCE_EXHAUSTED before it costs anything.",
+    )
+    grpc_max_streams_per_connection: Annotated[int, Field(ge=1)] = Field(
+        128, description="HTTP/2 streams one gRPC connection may have open at once."
+    )
+    grpc_keepalive_s: Annotated[float, Field(gt=0)] = Field(
+        60.0,
+        description="The gRPC server pings a connection idle this long, and closes it when "
+        "the ping is not answered within 20 s: dead clients do not hold streams.",
+    )
     workers: Annotated[int, Field(ge=1)] = Field(
         1,
         description="Server processes; the CPU budget is split between them. 'auto': one per "

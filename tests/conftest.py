@@ -22,6 +22,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 ROOT = Path(__file__).resolve().parent.parent
+# gRPC listens on 8001 by default: every app and server a test starts would want that one
+# port. Off unless a test asks for it (tests/servers.py: running_server(..., grpc=True)).
+os.environ["NORMSERVE_GRPC_PORT"] = "0"
 # A folder of trained checkpoints for built_repository to start from (see there).
 CACHED_CHECKPOINTS = "NORMSERVE_TEST_CHECKPOINTS"
 

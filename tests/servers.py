@@ -32,6 +32,7 @@ class RunningServer:
     http_url: str  # "http://127.0.0.1:PORT", what httpx takes
     log_path: Path
     proc: subprocess.Popen[bytes]
+    grpc_url: str = ""  # "127.0.0.1:PORT" of the gRPC API when started with grpc=True
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
@@ -69,18 +70,20 @@ def wait_until_ready(server: RunningServer, endpoint: str = "/v2/health/ready") 
 
 @contextmanager
 def running_server(
-    repository: Path, log_dir: Path, *args: str, until: str = "ready"
+    repository: Path, log_dir: Path, *args: str, until: str = "ready", grpc: bool = False
 ) -> Iterator[RunningServer]:
     """``python -m service`` on a free port with extra ``args``; stopped by SIGTERM after.
 
     Waits until ``/v2/health/<until>`` answers 200: "live" for a server with a broken model,
-    which is live and never ready.
+    which is live and never ready. ``grpc``: the gRPC API on a free port of its own too (it
+    listens before HTTP answers); otherwise it is off (tests/conftest.py).
     """
     port = free_port()
+    grpc_port = free_port() if grpc else 0
     log_path = log_dir / f"server-{port}.log"
     command = [
         sys.executable, "-m", "service", "--repository", str(repository),
-        "--host", "127.0.0.1", "--port", str(port), *args,
+        "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port), *args,
     ]  # fmt: skip
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -90,7 +93,13 @@ def running_server(
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
-    running = RunningServer(f"127.0.0.1:{port}", f"http://127.0.0.1:{port}", log_path, proc)
+    running = RunningServer(
+        f"127.0.0.1:{port}",
+        f"http://127.0.0.1:{port}",
+        log_path,
+        proc,
+        f"127.0.0.1:{grpc_port}" if grpc else "",
+    )
     try:
         wait_until_ready(running, f"/v2/health/{until}")
         yield running

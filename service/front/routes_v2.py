@@ -12,6 +12,7 @@ from service.errors import InvalidInput
 from service.front.asgi import Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
+from service.protocol.handlers import load_config
 from service.protocol.request_limits import header_int
 from service.protocol.v2_binary import HEADER_LENGTH
 from service.protocol.v2_request import decode_infer_request
@@ -68,18 +69,7 @@ async def load_model(ctx: Context, request: Request) -> Response:
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise InvalidInput(f"failed to load '{name[:64]}', 'parameters' must be an object")
-    unknown = sorted(set(parameters) - {"config"})
-    if unknown:
-        # Triton's "file:<path>" parameters upload model files: not accepted here, models
-        # come only from the repository folder.
-        raise InvalidInput(
-            f"failed to load '{name[:64]}', unsupported parameter(s) {unknown[:3]}: only "
-            "'config' is accepted (model files come only from the repository)"
-        )
-    config = parameters.get("config")
-    if config is not None and not isinstance(config, str):
-        raise InvalidInput(f"failed to load '{name[:64]}', 'config' must be a JSON string")
-    await ctx.protocol.load_model(name, config)
+    await ctx.protocol.load_model(name, load_config(name, parameters))
     return json_response({})
 
 

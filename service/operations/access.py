@@ -1,4 +1,5 @@
-"""Request ids and the access log: one line per HTTP request.
+"""Request ids and the access log: one line per HTTP request or gRPC call (method "GRPC",
+the RPC's path, its status code's name).
 
 The request's fields travel as the record's ``extra``: the JSON log format
 (service.operations.logs) makes them top-level fields of the line, the text one shows the
@@ -26,13 +27,13 @@ def new_request_id() -> bytes:
 
 
 def log_access(
-    request_id: bytes, method: str, path: str, status: int, seconds: float, client: str
+    request_id: bytes, method: str, path: str, status: int | str, seconds: float, client: str
 ) -> None:
     """One line per answered request. The id is passed, not taken from the log context: a
     request refused at headers-complete (service.front.limits) has no task of its own."""
     ms = round(seconds * 1000, 3)
     access_log.info(
-        "%s %s %d %.3f ms %s",
+        "%s %s %s %.3f ms %s",
         method,
         path,
         status,

@@ -67,7 +67,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "normserve_requests",
-            "Inference requests by model, protocol and HTTP status.",
+            "Inference requests by model, protocol (v2, v1, grpc) and status (HTTP code or gRPC "
+            "code name).",
             ["model", "protocol", "status"],
             registry=self.registry,
         )
@@ -177,7 +178,7 @@ class Metrics:
             multiprocess_mode="max",  # the latest of any worker
         )
         # Labelled children, looked up once per label combination (see _children).
-        self._request_children: dict[tuple[str, str, int, bool], _Children] = {}
+        self._request_children: dict[tuple[str, str, int | str, bool], _Children] = {}
         self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
         self._compute_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
         self._execution_children: dict[
@@ -260,9 +261,10 @@ class Metrics:
         return children
 
     def on_request(
-        self, model: str, protocol: str, status: int, seconds: float, counted: bool
+        self, model: str, protocol: str, status: int | str, seconds: float, counted: bool
     ) -> None:
-        """One finished request; ``counted`` when it reached the model (success or failure)."""
+        """One finished request; ``counted`` when it reached the model (success or failure).
+        ``status`` is the HTTP status, or the gRPC status code's name ("OK", ...)."""
         key = (model, protocol, status, counted)
         children = self._request_children.get(key)
         if children is None:
@@ -274,11 +276,11 @@ class Metrics:
             outcomes.inc()
             outcome_seconds.inc(seconds)
 
-    def _children(self, model: str, protocol: str, status: int, counted: bool) -> _Children:
+    def _children(self, model: str, protocol: str, status: int | str, counted: bool) -> _Children:
         # labels() takes a lock and builds a key on every call: 4 calls per request were ~3%
         # of the event loop's time under load, so each label combination is looked up once.
         # Label values come only from repository names, protocols and statuses: bounded.
-        outcome = "success" if status == 200 else "fail"
+        outcome = "success" if status in (200, "OK") else "fail"
         return (
             self.requests.labels(model, protocol, str(status)),
             self.request_seconds.labels(model, protocol),

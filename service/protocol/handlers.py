@@ -9,10 +9,12 @@ transport (gRPC) calls the same methods and maps the same errors to its own code
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from service.errors import InvalidInput
 from service.operations.metrics import Metrics, ModelStats
 from service.protocol.v2_response import check_requested
 from service.protocol.v2_types import RequestedOutput
@@ -212,3 +214,20 @@ def _stats(served: Served, s: ModelStats) -> dict[str, Any]:
             for size, (count, infer_ns, merge_ns, split_ns) in sorted(s.batch_sizes.items())
         ],
     }
+
+
+def load_config(name: str, parameters: Mapping[str, object]) -> str | None:
+    """The ``config`` override among a load request's parameters (either transport's),
+    refusing any other: Triton's ``file:<path>`` parameters upload model files, and models
+    come only from the repository folder here."""
+    unknown = sorted(set(parameters) - {"config"})
+    if unknown:
+        raise InvalidInput(
+            f"failed to load '{name[:64]}', unsupported parameter(s) "
+            f"{[k[:32] for k in unknown[:3]]}: only 'config' is accepted (model files come "
+            "only from the repository)"
+        )
+    config = parameters.get("config")
+    if config is not None and not isinstance(config, str):
+        raise InvalidInput(f"failed to load '{name[:64]}', 'config' must be a JSON string")
+    return config

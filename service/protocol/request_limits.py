@@ -89,24 +89,36 @@ def check_shape(name: str, value: Any, *, present: bool = True) -> tuple[int, ..
 
 def check_document(document: dict[str, Any], limits: Limits, text: bytes) -> None:
     """Tensor count, nesting depth and each input's declared element count."""
-    tensors = sum(
-        len(v) for v in (document.get("inputs"), document.get("outputs")) if isinstance(v, list)
+    check_tensor_count(
+        sum(
+            len(v) for v in (document.get("inputs"), document.get("outputs")) if isinstance(v, list)
+        ),
+        limits,
     )
-    if tensors > limits.max_tensors:
-        raise InvalidInput(
-            f"the request names {tensors} inputs and outputs; the limit is {limits.max_tensors}"
-        )
     check_depth(document, limits.max_depth, text)
     inputs = document.get("inputs")
     for entry in inputs if isinstance(inputs, list) else []:
         shape = entry.get("shape") if isinstance(entry, dict) else None
         if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
-            count = math.prod(shape)
-            if count > limits.max_elements:
-                raise InvalidInput(
-                    f"input {entry.get('name')!r}: shape {preview(shape)} declares {count} "
-                    f"elements; the limit is {limits.max_elements}"
-                )
+            check_elements(entry.get("name"), shape, limits)
+
+
+def check_tensor_count(tensors: int, limits: Limits) -> None:
+    """Inputs plus outputs named in one request (REST document or gRPC message)."""
+    if tensors > limits.max_tensors:
+        raise InvalidInput(
+            f"the request names {tensors} inputs and outputs; the limit is {limits.max_tensors}"
+        )
+
+
+def check_elements(name: Any, shape: list[int] | tuple[int, ...], limits: Limits) -> None:
+    """The elements one input's declared shape asks for, before anything is allocated."""
+    count = math.prod(shape)
+    if count > limits.max_elements:
+        raise InvalidInput(
+            f"input {name!r}: shape {preview(list(shape))} declares {count} "
+            f"elements; the limit is {limits.max_elements}"
+        )
 
 
 def check_depth(document: Any, max_depth: int, text: bytes | None = None) -> None:

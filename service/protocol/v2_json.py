@@ -38,7 +38,7 @@ def decode_json_data(spec: InputSpec) -> np.ndarray:
     _check_element_types(spec, flat)
     if len(flat) != spec.count:
         raise spec.fail(f"shape {list(spec.shape)} needs {spec.count} elements, got {len(flat)}")
-    return _convert(spec, flat).reshape(spec.shape)
+    return convert_flat(spec, flat).reshape(spec.shape)
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -66,7 +66,10 @@ def _check_element_types(spec: InputSpec, flat: list[Any]) -> None:
     )
 
 
-def _convert(spec: InputSpec, flat: list[Any]) -> np.ndarray:
+def convert_flat(spec: InputSpec, flat: list[Any]) -> np.ndarray:
+    """Flat elements of the right Python types -> the 1-D array of ``spec``'s datatype, with
+    every value checked to fit it (out-of-range integers, non-finite floats): what JSON data
+    and gRPC's typed contents share."""
     if spec.datatype == "BYTES":
         return object_array([text.encode("utf-8") for text in flat])
     dtype = DATATYPE_TO_NUMPY[spec.datatype]

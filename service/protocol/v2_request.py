@@ -103,7 +103,7 @@ def _input_specs(value: Any) -> list[InputSpec]:
     if not value:
         raise InvalidInput("'inputs' is empty: the request needs at least one input")
     specs = [_input_spec(entry, index) for index, entry in enumerate(value)]
-    _once_each([spec.name for spec in specs], "input {!r} appears more than once in 'inputs'")
+    once_each([spec.name for spec in specs], "input {!r} appears more than once in 'inputs'")
     return specs
 
 
@@ -151,11 +151,12 @@ def requested_outputs(value: Any) -> list[RequestedOutput] | None:
     if not isinstance(value, list):
         raise InvalidInput(f"'outputs' must be a list, got {json_kind(value)}")
     requested = [_requested_output(entry, index) for index, entry in enumerate(value)]
-    _once_each([output.name for output in requested], "output {!r} is requested more than once")
+    once_each([output.name for output in requested], "output {!r} is requested more than once")
     return requested
 
 
-def _once_each(names: list[str], problem: str) -> None:
+def once_each(names: list[str], problem: str) -> None:
+    """InvalidInput naming the first name given twice (``problem`` formats it)."""
     seen: set[str] = set()
     for name in names:
         if name in seen:

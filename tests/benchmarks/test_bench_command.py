@@ -89,7 +89,7 @@ def test_perf_analyzer_rows_beside_wrk(smoke_report: dict[str, Any]) -> None:
     if "skipped" in pa:
         pytest.skip(f"perf_analyzer: {pa['skipped']}")
     assert {(r["format"], r["concurrency"]) for r in pa["rows"]} == {
-        (f, c) for f in ("v2-binary", "v2-json") for c in (1, 64)
+        (f, c) for f in ("v2-binary", "v2-json", "grpc-raw") for c in (1, 64)
     }
     for row in pa["rows"]:
         server = row["server"]
@@ -134,7 +134,12 @@ def test_goal_arithmetic() -> None:
             row("normserve", "v2-json", 1, 500.0, 0.9, 1.0),
             row("mlserver", "v2-json", 1, 300.0, 1.0, 0.5),
             row("normserve, batching off", "v2-binary", 1, 500.0, 0.7, 1.0),
-        ], "rss_after_load_bytes": {"normserve": 100 * 2**20}}},
+        ], "perf_analyzer": {"rows": [
+            {"format": f, "concurrency": c, "throughput_per_s": rps, "p50_us": p50}
+            for f, c, rps, p50 in (
+                ("v2-binary", 64, 900.0, 9000.0), ("grpc-raw", 64, 1080.0, 9000.0),
+                ("v2-binary", 1, 500.0, 700.0), ("grpc-raw", 1, 480.0, 750.0))
+        ]}, "rss_after_load_bytes": {"normserve": 100 * 2**20}}},
     }  # fmt: skip
     goals = {g["goal"]: g for g in evaluate_goals(report)}
     assert math.isclose(goals["m: v2-binary at c=64 vs in-process onnxruntime b32 (2 threads)"]
@@ -148,6 +153,10 @@ def test_goal_arithmetic() -> None:
     int8 = goals["m: ort int8 b32 vs served fp32"]
     assert math.isclose(int8["measured"], 1.6) and int8["met"] is True  # 0.5-point drop: met
     assert goals["m: RSS after load, one worker"]["met"] is True
+    grpc_rate = goals["m: gRPC raw req/s at c=64 vs HTTP binary (perf_analyzer)"]
+    assert math.isclose(grpc_rate["measured"], 1.2) and grpc_rate["met"] is True
+    grpc_p50 = goals["m: c=1 p50 gRPC raw minus HTTP binary (perf_analyzer)"]
+    assert math.isclose(grpc_p50["measured"], 0.05) and grpc_p50["met"] is True
 
 
 def test_export_time_is_measured_side_by_side(smoke_report: dict[str, Any]) -> None:

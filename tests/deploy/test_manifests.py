@@ -447,3 +447,78 @@ def test_inference_service_pod_validates_strictly(tmp_path: Path) -> None:
     done = validate(tmp_path, "isvc-pod", [pod])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "passed for resource pod/" in done.stdout
+
+
+# ------------------------------------------------------------------ gRPC
+# The image exposes the gRPC API, the Deployment and Service carry it as a second named port,
+# and the KServe grpc-v2 variant (a ServingRuntime plus an InferenceService) routes to it and
+# probes it with grpc.health.v1.
+
+KSERVE_GRPC = ROOT / "deploy" / "kserve" / "inferenceservice-grpc.yaml"
+
+
+def grpc_variant() -> tuple[Doc, Doc]:
+    docs = [doc for doc in yaml.safe_load_all(KSERVE_GRPC.read_text()) if doc]
+    return by_kind(docs, "ServingRuntime"), by_kind(docs, "InferenceService")
+
+
+def test_dockerfile_exposes_the_grpc_port() -> None:
+    image = dockerfile_runtime()
+    assert image["NORMSERVE_GRPC_PORT"] in image["EXPOSE"].split()
+    assert int(image["NORMSERVE_GRPC_PORT"]) == Settings.model_fields["grpc_port"].default
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_deployment_and_service_carry_grpc(overlay: str) -> None:
+    docs = load(render(overlay))
+    container = by_kind(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    grpc_port = int(env_of(container)["NORMSERVE_GRPC_PORT"])
+    assert resolve_port("grpc", container) == grpc_port
+    assert grpc_port != int(env_of(container)["NORMSERVE_PORT"])
+    (service_port,) = [p for p in by_kind(docs, "Service")["spec"]["ports"] if p["name"] == "grpc"]
+    assert resolve_port(service_port["targetPort"], container) == grpc_port
+    assert service_port["appProtocol"] == "kubernetes.io/h2c"
+
+
+def test_kserve_grpc_variant_routes_and_probes_grpc() -> None:
+    runtime, isvc = grpc_variant()
+    model = isvc["spec"]["predictor"]["model"]
+    assert model["protocolVersion"] == "grpc-v2" in runtime["spec"]["protocolVersions"]
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["modelFormat"]["name"] in {
+        f["name"] for f in runtime["spec"]["supportedModelFormats"]
+    }
+    (container,) = runtime["spec"]["containers"]
+    assert container["name"] == "kserve-container"
+    env = env_of(container)
+    grpc_port, http_port = int(env["NORMSERVE_GRPC_PORT"]), int(env["NORMSERVE_PORT"])
+    # KServe sends gRPC to the container port named h2c, and HTTP only to 8080.
+    (h2c,) = [p for p in container["ports"] if p["name"] == "h2c"]
+    assert h2c["containerPort"] == grpc_port and http_port == 8080
+    assert container["readinessProbe"]["grpc"]["port"] == grpc_port
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["port"] == http_port
+    assert container["securityContext"]["runAsNonRoot"] is True
+
+
+def test_kserve_grpc_env_is_accepted_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime, _ = grpc_variant()
+    for key in [key for key in os.environ if key.startswith("NORMSERVE_")]:
+        monkeypatch.delenv(key)
+    values = {
+        name.removeprefix("NORMSERVE_").lower(): value
+        for name, value in env_of(runtime["spec"]["containers"][0]).items()
+    }
+    values["workers"] = "1"
+    assert Settings(**values).grpc_port == 8081
+
+
+def test_kserve_grpc_pod_validates_strictly(tmp_path: Path) -> None:
+    runtime, _ = grpc_variant()
+    spec = {key: runtime["spec"][key] for key in ("containers", "volumes")}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "normserve-grpc"}, "spec": spec}
+    done = validate(tmp_path, "grpc-pod", [pod])
+    assert done.returncode == 0, done.stdout + done.stderr
+    done = validate(tmp_path, "grpc-isvc", KSERVE_GRPC.read_text())
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ERROR" not in done.stdout + done.stderr

@@ -10,8 +10,10 @@ Kubernetes client and pandas), and is skipped with that reason elsewhere.
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
+import json
+import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -99,31 +101,52 @@ def test_every_inference_answer_has_an_id(http: httpx.Client) -> None:
     assert anonymous.json()["id"] == anonymous.headers["x-request-id"]
 
 
+# Run in a child process: kserve registers its generated ``inference.*`` gRPC messages in
+# protobuf's default pool on import, as tritonclient.grpc does (tests/service/test_grpc*.py),
+# and two definitions of one name in one process are an import error.
+KSERVE_REST_CLIENT = r"""
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+
+url, features = sys.argv[1], int(sys.argv[2])
+x = np.arange(2 * features, dtype=np.float32).reshape(2, features)
+out = {}
+
+async def run():
+    async with InferenceRESTClient(RESTConfig(protocol="v1", timeout=30)) as v1:
+        out["v1_live"] = await v1.is_server_live(url)  # GET / -> {"status": "alive"}
+        out["v1_ready"] = await v1.is_model_ready(url, "tiny")
+        answer = await v1.infer(url, {"instances": x.tolist()}, model_name="tiny")
+        out["v1_logits"] = [p["logits"] for p in answer["predictions"]]
+    async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=30)) as v2:
+        out["v2_ready"] = await v2.is_server_live(url) and await v2.is_model_ready(url, "tiny")
+        for binary in (False, True):
+            tensor = InferInput("x", list(x.shape), "FP32")
+            tensor.set_data_from_numpy(x, binary_data=binary)
+            result = await v2.infer(url, InferRequest("tiny", [tensor]), model_name="tiny")
+            out[f"v2_{binary}"] = {"id": result.id, "logits": result.outputs[0].as_numpy().tolist()}
+
+asyncio.run(run())
+print(json.dumps(out))
+"""
+
+
 def test_kserve_rest_client(server: RunningServer) -> None:
     if importlib.util.find_spec("kserve") is None:
         pytest.skip(
             "the kserve package is not installed (not a project dependency: it pulls in the "
             "Kubernetes client and pandas); pip install kserve to run KServe's own client"
         )
-    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-
+    done = subprocess.run(
+        [sys.executable, "-c", KSERVE_REST_CLIENT, server.http_url, str(FEATURES)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
     x = np.arange(2 * FEATURES, dtype=np.float32).reshape(2, FEATURES)
-    url = server.http_url
-
-    async def run() -> None:
-        async with InferenceRESTClient(RESTConfig(protocol="v1", timeout=30)) as v1:
-            assert await v1.is_server_live(url)  # GET / -> {"status": "alive"}
-            assert await v1.is_model_ready(url, "tiny")
-            answer = await v1.infer(url, {"instances": x.tolist()}, model_name="tiny")
-            logits = [p["logits"] for p in answer["predictions"]]
-            np.testing.assert_allclose(logits, expected(x), rtol=1e-6)
-        async with InferenceRESTClient(RESTConfig(protocol="v2", timeout=30)) as v2:
-            assert await v2.is_server_live(url) and await v2.is_model_ready(url, "tiny")
-            for binary in (False, True):
-                tensor = InferInput("x", list(x.shape), "FP32")
-                tensor.set_data_from_numpy(x, binary_data=binary)
-                result = await v2.infer(url, InferRequest("tiny", [tensor]), model_name="tiny")
-                assert result.id
-                np.testing.assert_allclose(result.outputs[0].as_numpy(), expected(x), 1e-6)
-
-    asyncio.run(run())
+    assert out["v1_live"] and out["v1_ready"] and out["v2_ready"]
+    np.testing.assert_allclose(out["v1_logits"], expected(x), rtol=1e-6)
+    for binary in (False, True):
+        assert out[f"v2_{binary}"]["id"]
+        np.testing.assert_allclose(out[f"v2_{binary}"]["logits"], expected(x), 1e-6)
