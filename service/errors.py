@@ -60,3 +60,8 @@ class ClientDisconnected(NormserveError):
 class ControlDisabled(ModelNotReady):
     """Load/unload asked of a server whose model control mode is not explicit; answered as
     Triton does (HTTP 503, gRPC UNAVAILABLE), so it maps as ModelNotReady."""
+
+
+class InferenceFailed(NormserveError):
+    """The model's runtime failed on this request (HTTP 500, gRPC INTERNAL). The runtime's
+    own error, which can name files and internals, goes to the server's log, logged once."""

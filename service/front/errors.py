@@ -12,6 +12,7 @@ import orjson
 from service.errors import (
     ClientDisconnected,
     DeadlineExceeded,
+    InferenceFailed,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -33,6 +34,7 @@ STATUS: list[tuple[type[NormserveError], int]] = [
     (Overloaded, 503),
     (ModelNotReady, 503),
     (DeadlineExceeded, 504),
+    (InferenceFailed, 500),
     # nginx's convention for 'client closed request': only the access log ever sees it.
     (ClientDisconnected, 499),
 ]

@@ -13,6 +13,7 @@ import grpc
 from service.errors import (
     ClientDisconnected,
     DeadlineExceeded,
+    InferenceFailed,
     InvalidInput,
     ModelNotFound,
     ModelNotReady,
@@ -32,6 +33,7 @@ CODES: list[tuple[type[NormserveError], grpc.StatusCode]] = [
     (Overloaded, grpc.StatusCode.UNAVAILABLE),
     (ModelNotReady, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (InferenceFailed, grpc.StatusCode.INTERNAL),
     (ClientDisconnected, grpc.StatusCode.CANCELLED),
 ]
 INTERNAL_DETAIL = "internal error"

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from service.operations.tracing import current_trace
 from service.serving.runtime import OnnxModel
 
@@ -376,7 +376,12 @@ class Batcher:
             )
             if len(live) == 1:
                 log.exception("inference failed for model '%s' (%d rows)", self.model.name, rows)
-                return [*results, (live[0], exc)], record
+                failed = InferenceFailed(
+                    f"inference failed for model '{self.model.name}'; the server's log has "
+                    "the details"
+                )
+                failed.__cause__ = exc
+                return [*results, (live[0], failed)], record
             # One request's rows may be what fails: run each request on its own, so only
             # that request gets the error and its batch companions still get answers.
             log.warning(

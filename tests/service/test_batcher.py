@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from tiny_onnx import FEATURES, expected, tiny_repository
 
-from service.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from service.errors import DeadlineExceeded, InferenceFailed, ModelNotReady, Overloaded
 from service.repository import list_models, verified_file
 from service.serving.batcher import Batcher, BatchRecord
 from service.serving.runtime import OnnxModel, SessionOptions
@@ -178,7 +178,8 @@ def test_a_failing_request_does_not_fail_its_batch_companions(tmp_path: Path) ->
         return results
 
     results = asyncio.run(scenario())
-    assert isinstance(results[2], RuntimeError)
+    assert isinstance(results[2], InferenceFailed)
+    assert isinstance(results[2].__cause__, RuntimeError)  # logged, never sent
     for i, result in enumerate(results):
         if i != 2:
             assert isinstance(result, dict)
@@ -380,7 +381,8 @@ def test_the_failing_request_shared_its_batch_and_only_it_fails(tmp_path: Path) 
     results = asyncio.run(scenario())
     # One batch of the four failed, then each ran alone: only the bad one fails.
     assert [rows for _, rows in model.runs] == [1, 4, 1, 1, 1, 1]
-    assert isinstance(results[2], RuntimeError)
+    assert isinstance(results[2], InferenceFailed)
+    assert isinstance(results[2].__cause__, RuntimeError)  # logged, never sent
     for i, result in enumerate(results):
         if i != 2:
             assert isinstance(result, dict)
