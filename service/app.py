@@ -116,7 +116,7 @@ class NormserveApp:
             # Imported only when used: grpcio is not needed to serve HTTP alone.
             from service.grpc.server import GrpcServer
 
-            self.grpc = GrpcServer(self.protocol, self.settings)
+            self.grpc = GrpcServer(self.protocol, self.settings, self.tracing)
             await self.grpc.start()
             self.grpc.drain_on_signals(self.settings.graceful_shutdown_s)
         log.info(

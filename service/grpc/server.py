@@ -15,7 +15,7 @@ import logging
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -25,6 +25,9 @@ from service.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from service.grpc.servicer import SERVICE, InferenceServicer
 from service.protocol.handlers import Protocol
 from service.settings import Settings
+
+if TYPE_CHECKING:  # imports OpenTelemetry: only ever loaded when tracing is on
+    from service.operations.otel import Tracing
 
 log = logging.getLogger("normserve")
 
@@ -51,9 +54,12 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
 
 
 class GrpcServer:
-    def __init__(self, protocol: Protocol, settings: Settings) -> None:
+    def __init__(
+        self, protocol: Protocol, settings: Settings, tracing: Tracing | None = None
+    ) -> None:
         self.settings = settings
         self.protocol = protocol
+        self.tracing = tracing
         self.server: grpc.aio.Server | None = None
         self.health = health_aio.HealthServicer()
         self._stopping: asyncio.Future[None] | None = None
@@ -66,7 +72,9 @@ class GrpcServer:
             options=server_options(settings),
             maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
         )
-        servicer = InferenceServicer(self.protocol, settings.limits, settings.access_log)
+        servicer = InferenceServicer(
+            self.protocol, settings.limits, settings.access_log, self.tracing
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{_host(settings.host)}:{settings.grpc_port}"

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -29,8 +29,12 @@ from service.grpc.generated import grpc_service_pb2 as pb
 from service.grpc.generated import grpc_service_pb2_grpc as pb_grpc
 from service.grpc.tensors import decode_request, encode_response
 from service.operations.access import MAX_ID_BYTES, log_access, new_request_id
+from service.operations.logs import current_request_id
 from service.protocol.handlers import Protocol, load_config
 from service.protocol.request_limits import Limits
+
+if TYPE_CHECKING:  # imports OpenTelemetry: only ever loaded when tracing is on
+    from service.operations.otel import RequestTrace, Tracing
 
 log = logging.getLogger("normserve")
 
@@ -45,10 +49,17 @@ _STREAM_PATH = f"/{SERVICE}/ModelStreamInfer"
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, protocol: Protocol, limits: Limits, access_log: bool) -> None:
+    def __init__(
+        self,
+        protocol: Protocol,
+        limits: Limits,
+        access_log: bool,
+        tracing: Tracing | None = None,
+    ) -> None:
         self.protocol = protocol
         self.limits = limits
         self.access_log = access_log
+        self.tracing = tracing
 
     # ----------------------------------------------------------------- health and metadata
 
@@ -145,6 +156,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def ModelInfer(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         status = _OK
+        trace = self._begin(context, "ModelInfer", request.model_name)
         try:
             return await self._infer(request, context.time_remaining())
         except NormserveError as exc:
@@ -161,6 +173,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
         finally:
             self._observe(context, _INFER_PATH, request.model_name, status, started)
+            if trace is not None:
+                _end_trace(trace, status)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[Any], context: Any
@@ -192,6 +206,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
     async def _stream_one(self, request: Any, context: Any) -> Any:
         started = time.perf_counter()
         status = _OK
+        trace = self._begin(context, "ModelStreamInfer", request.model_name)
         try:
             response = await self._infer(request, context.time_remaining())
             return pb.ModelStreamInferResponse(infer_response=response)
@@ -207,6 +222,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             return pb.ModelStreamInferResponse(error_message=INTERNAL_DETAIL)
         finally:
             self._observe(context, _STREAM_PATH, request.model_name, status, started)
+            if trace is not None:
+                _end_trace(trace, status)
 
     async def _infer(self, request: Any, remaining_s: float | None) -> Any:
         # Cheapest first, as on HTTP: the model and room in its queue, then the declarations,
@@ -259,6 +276,24 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         if self.access_log:
             self._log(context, path, status, started, seconds)
 
+    def _begin(self, context: Any, method: str, model: str) -> RequestTrace | None:
+        """For an inference in its own task: the request id its log lines carry, and its
+        trace (a child of the caller's ``traceparent`` metadata) when tracing is on."""
+        metadata = {
+            key: value if isinstance(value, str) else value.decode("latin-1")
+            for key, value in context.invocation_metadata() or ()
+        }
+        given = metadata.get("x-request-id", "").encode("latin-1")[:MAX_ID_BYTES]
+        current_request_id.set(given or new_request_id())
+        if self.tracing is None:
+            return None
+        return self.tracing.begin(
+            f"{SERVICE}/{method}",
+            metadata,
+            {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method,
+             "normserve.model": model},
+        )  # fmt: skip
+
     def _log(
         self,
         context: Any,
@@ -282,6 +317,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             time.perf_counter() - started if seconds is None else seconds,
             context.peer() or "",
         )
+
+
+def _end_trace(trace: RequestTrace, status: str) -> None:
+    # As on HTTP, only the server's failures mark the span as failed.
+    server_side = status in _SERVER_SIDE
+    trace.end({"rpc.grpc.status_code": status}, error=status if server_side else None)
+
+
+_SERVER_SIDE = {grpc.StatusCode.INTERNAL.name, grpc.StatusCode.UNAVAILABLE.name}
 
 
 def _message(kind: Any, document: dict[str, Any]) -> Any:

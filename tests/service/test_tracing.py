@@ -236,28 +236,45 @@ def test_spans_are_exported_over_otlp(tmp_path: Path, monkeypatch: pytest.Monkey
             "OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{receiver.server_address[1]}"
         )
         monkeypatch.setenv("OTEL_SERVICE_NAME", "normserve-under-test")
-        with running_server(tiny_repository(tmp_path), tmp_path) as server:
+        with running_server(tiny_repository(tmp_path), tmp_path, grpc=True) as server:
             response = httpx.post(
                 f"{server.http_url}/v2/models/tiny/infer",
                 json=_infer_body(),
                 headers={"traceparent": _traceparent(9)},
             )
             assert response.status_code == 200
+            _grpc_infer(server.grpc_url, _traceparent(10))
         # The server flushes its spans at shutdown (SIGTERM), before it exits.
     finally:
         receiver.shutdown()
         receiver.server_close()
     assert {path for path, _ in _Receiver.received} == {"/v1/traces"}
-    spans = {}
+    received = []
     for _, message in _Receiver.received:
         for resource_spans in message.resource_spans:
             attributes = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
             assert attributes["service.name"] == "normserve-under-test"
             for scope in resource_spans.scope_spans:
-                for span in scope.spans:
-                    spans[span.name] = span
-    request = spans["POST /v2/models/{model_name}/infer"]
-    assert request.trace_id.hex() == _traceparent(9)[3:35]
-    assert request.parent_span_id.hex() == CALLER_SPAN
-    assert spans["queue"].parent_span_id == request.span_id
-    assert [link.span_id for link in spans["batch tiny"].links] == [request.span_id]
+                received += scope.spans
+    # Over HTTP and over gRPC (traceparent as metadata), the same three spans.
+    for name, n in (("POST /v2/models/{model_name}/infer", 9),
+                    ("inference.GRPCInferenceService/ModelInfer", 10)):  # fmt: skip
+        (request,) = [span for span in received if span.name == name]
+        assert request.trace_id.hex() == _traceparent(n)[3:35]
+        assert request.parent_span_id.hex() == CALLER_SPAN
+        (queue,) = [span for span in received if span.parent_span_id == request.span_id]
+        assert queue.name == "queue"
+        batches = [span for span in received if span.name == "batch tiny"]
+        assert [[link.span_id for link in b.links] for b in batches].count([request.span_id]) == 1
+
+
+def _grpc_infer(url: str, traceparent: str) -> None:
+    grpcclient = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] missing")
+    client = grpcclient.InferenceServerClient(url=url)
+    try:
+        x = grpcclient.InferInput("x", [1, FEATURES], "FP32")
+        x.set_data_from_numpy(np.arange(FEATURES, dtype=np.float32)[None])
+        result = client.infer("tiny", [x], headers={"traceparent": traceparent})
+        assert result.as_numpy("scores").shape == (1, 3)
+    finally:
+        client.close()
