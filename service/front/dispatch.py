@@ -134,7 +134,11 @@ class HttpFront:
         """What every answered request leaves behind: its metrics and its access-log line."""
         seconds = time.perf_counter() - started
         if route is not None and route.inference is not None:
-            self._observe(params["model_name"], route.inference, status, seconds)
+            model, version = params["model_name"], params.get("version")
+            label, counted = self.ctx.protocol.store.counted_as(model, version)
+            self.ctx.metrics.on_request(
+                label, route.inference, status, seconds, counted is not None, counted or ""
+            )
         if self.access_log:
             client = (scope.get("client") or ("", 0))[0]
             log_access(request_id, scope["method"], scope["path"], status, seconds, client)
@@ -144,16 +148,6 @@ class HttpFront:
             await send_response(send, response, request_id, head=method == "HEAD")
         except OSError:  # the connection is gone: nothing more to do for it
             return
-
-    def _observe(self, model: str, protocol: str, status: int, seconds: float) -> None:
-        # Only names the repository has become label values: a client must not be able to
-        # grow the metrics without bound by inventing model names.
-        store = self.ctx.protocol.store
-        known = model in store.served or model in store.failed
-        # A model once served keeps its label: requests that finish after its unload (they
-        # drained) still count under its name.
-        label = model if known or model in store.known else "unknown"
-        self.ctx.metrics.on_request(label, protocol, status, seconds, known)
 
 
 def _end_trace(trace: RequestTrace, status: int, request_id: bytes, params: dict[str, str]) -> None:

@@ -41,7 +41,9 @@ async def predict(ctx: Context, request: Request) -> Response:
     outputs = await request.until_disconnected(pending)
     encoding = time.perf_counter()
     payload = orjson.dumps(encode_v1(outputs, served.config))
-    ctx.metrics.on_codec(served.config.name, decode_seconds, time.perf_counter() - encoding)
+    ctx.metrics.on_codec(
+        served.config.name, served.version, decode_seconds, time.perf_counter() - encoding
+    )
     return Response(200, payload, [(b"content-type", JSON)])
 
 

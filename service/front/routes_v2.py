@@ -141,7 +141,9 @@ async def infer(ctx: Context, request: Request) -> Response:
         decoded.outputs,
         decoded.binary_output,
     )
-    ctx.metrics.on_codec(served.config.name, decode_seconds, time.perf_counter() - encoding)
+    ctx.metrics.on_codec(
+        served.config.name, served.version, decode_seconds, time.perf_counter() - encoding
+    )
     return Response(200, payload, [(k.lower().encode(), v.encode()) for k, v in headers.items()])
 
 

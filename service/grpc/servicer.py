@@ -172,7 +172,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             status = grpc.StatusCode.INTERNAL.name
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAIL)
         finally:
-            self._observe(context, _INFER_PATH, request.model_name, status, started)
+            self._observe(context, _INFER_PATH, request, status, started)
             if trace is not None:
                 _end_trace(trace, status)
 
@@ -221,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             status = grpc.StatusCode.INTERNAL.name
             return pb.ModelStreamInferResponse(error_message=INTERNAL_DETAIL)
         finally:
-            self._observe(context, _STREAM_PATH, request.model_name, status, started)
+            self._observe(context, _STREAM_PATH, request, status, started)
             if trace is not None:
                 _end_trace(trace, status)
 
@@ -266,13 +266,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         finally:
             self._log(context, f"/{SERVICE}/{method}", status, started)
 
-    def _observe(self, context: Any, path: str, model: str, status: str, started: float) -> None:
+    def _observe(self, context: Any, path: str, request: Any, status: str, started: float) -> None:
         seconds = time.perf_counter() - started
-        # Only names the repository has become label values (as on HTTP).
         store = self.protocol.store
-        known = model in store.served or model in store.failed
-        label = model if known else "unknown"
-        self.protocol.metrics.on_request(label, METRICS_PROTOCOL, status, seconds, known)
+        label, counted = store.counted_as(request.model_name, request.model_version or None)
+        self.protocol.metrics.on_request(
+            label, METRICS_PROTOCOL, status, seconds, counted is not None, counted or ""
+        )
         if self.access_log:
             self._log(context, path, status, started, seconds)
 

@@ -82,7 +82,7 @@ class Metrics:
         self.queue_seconds = Histogram(
             "normserve_queue_duration_seconds",
             "Time a request waited for its batch to start.",
-            ["model"],
+            ["model", "version"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -120,25 +120,25 @@ class Metrics:
         self.outcomes = Counter(
             "normserve_model_requests",
             "Requests that reached a served model, by outcome (success|fail).",
-            ["model", "outcome"],
+            ["model", "version", "outcome"],
             registry=self.registry,
         )
         self.outcome_seconds = Counter(
             "normserve_model_request_seconds",
             "Total duration of the requests that reached a served model, by outcome.",
-            ["model", "outcome"],
+            ["model", "version", "outcome"],
             registry=self.registry,
         )
         self.executions = Counter(
             "normserve_executions",
             "Batches that ran without error, by rows in the batch.",
-            ["model", "batch_size"],
+            ["model", "version", "batch_size"],
             registry=self.registry,
         )
         self.execution_seconds = Counter(
             "normserve_execution_seconds",
             "onnxruntime time of the batches that ran without error, by rows in the batch.",
-            ["model", "batch_size"],
+            ["model", "version", "batch_size"],
             registry=self.registry,
         )
         # Triton's compute_input and compute_output (perf_analyzer requires their counts to
@@ -146,13 +146,13 @@ class Metrics:
         self.execution_input_seconds = Counter(
             "normserve_execution_input_seconds",
             "Time merging requests into the batches that ran without error, by rows.",
-            ["model", "batch_size"],
+            ["model", "version", "batch_size"],
             registry=self.registry,
         )
         self.execution_output_seconds = Counter(
             "normserve_execution_output_seconds",
             "Time handing each request its rows of the batches that ran without error, by rows.",
-            ["model", "batch_size"],
+            ["model", "version", "batch_size"],
             registry=self.registry,
         )
         # Triton's per-request compute statistics: every request of a batch that ran is
@@ -160,29 +160,33 @@ class Metrics:
         self.compute_requests = Counter(
             "normserve_model_compute_requests",
             "Requests whose batch ran without error (Triton's compute counts).",
-            ["model"],
+            ["model", "version"],
             registry=self.registry,
         )
         self.compute_request_seconds = Counter(
             "normserve_model_compute_request_seconds",
             "Per request, summed: input = decode + validate + merge its batch, infer = its "
             "batch's onnxruntime time, output = split its batch + encode the response.",
-            ["model", "phase"],
+            ["model", "version", "phase"],
             registry=self.registry,
         )
         self.last_inference = Gauge(
             "normserve_last_inference_timestamp_seconds",
             "When the model last finished a batch (Unix time).",
-            ["model"],
+            ["model", "version"],
             registry=self.registry,
             multiprocess_mode="max",  # the latest of any worker
         )
         # Labelled children, looked up once per label combination (see _children).
-        self._request_children: dict[tuple[str, str, int | str, bool], _Children] = {}
-        self._batch_children: dict[str, tuple[Histogram, Histogram, Histogram, Gauge]] = {}
-        self._compute_children: dict[str, tuple[Counter, Counter, Counter, Counter]] = {}
+        self._request_children: dict[tuple[str, str, int | str, bool, str], _Children] = {}
+        self._batch_children: dict[
+            tuple[str, str], tuple[Histogram, Histogram, Histogram, Gauge]
+        ] = {}
+        self._compute_children: dict[
+            tuple[str, str], tuple[Counter, Counter, Counter, Counter]
+        ] = {}
         self._execution_children: dict[
-            tuple[str, int], tuple[Counter, Counter, Counter, Counter]
+            tuple[str, str, int], tuple[Counter, Counter, Counter, Counter]
         ] = {}
 
     @staticmethod
@@ -206,14 +210,14 @@ class Metrics:
         self.model_ready.labels(model).set(1 if ready else 0)
 
     def on_batch(self, record: BatchRecord) -> None:
-        model, rows = record.model, record.rows
-        children = self._batch_children.get(model)
+        model, version, rows = record.model, record.version, record.rows
+        children = self._batch_children.get((model, version))
         if children is None:
-            children = self._batch_children[model] = (
+            children = self._batch_children[(model, version)] = (
                 self.batch_size.labels(model),
                 self.compute_seconds.labels(model),
-                self.queue_seconds.labels(model),
-                self.last_inference.labels(model),
+                self.queue_seconds.labels(model, version),
+                self.last_inference.labels(model, version),
             )
         batch_size, compute, queue, last_inference = children
         batch_size.observe(rows)
@@ -221,20 +225,20 @@ class Metrics:
         for seconds in record.queue_seconds:
             queue.observe(seconds)
         if not record.failed:
-            executions = self._execution_children.get((model, rows))
+            executions = self._execution_children.get((model, version, rows))
             if executions is None:
-                executions = self._execution_children[(model, rows)] = (
-                    self.executions.labels(model, str(rows)),
-                    self.execution_seconds.labels(model, str(rows)),
-                    self.execution_input_seconds.labels(model, str(rows)),
-                    self.execution_output_seconds.labels(model, str(rows)),
+                executions = self._execution_children[(model, version, rows)] = (
+                    self.executions.labels(model, version, str(rows)),
+                    self.execution_seconds.labels(model, version, str(rows)),
+                    self.execution_input_seconds.labels(model, version, str(rows)),
+                    self.execution_output_seconds.labels(model, version, str(rows)),
                 )
             count, infer, merge, split = executions
             count.inc()
             infer.inc(record.compute_seconds)
             merge.inc(record.input_seconds)
             split.inc(record.output_seconds)
-            requests, c_input, c_infer, c_output = self._compute(model)
+            requests, c_input, c_infer, c_output = self._compute(model, version)
             n = record.requests
             requests.inc(n)
             c_input.inc(n * record.input_seconds)
@@ -242,30 +246,39 @@ class Metrics:
             c_output.inc(n * record.output_seconds)
             last_inference.set(time.time())
 
-    def on_codec(self, model: str, decode_seconds: float, encode_seconds: float) -> None:
+    def on_codec(
+        self, model: str, version: str, decode_seconds: float, encode_seconds: float
+    ) -> None:
         """One answered request's own decoding and encoding (Triton's compute_input and
         compute_output beyond its batch's share); only for requests that ran, as counted."""
-        _, c_input, _, c_output = self._compute(model)
+        _, c_input, _, c_output = self._compute(model, version)
         c_input.inc(decode_seconds)
         c_output.inc(encode_seconds)
 
-    def _compute(self, model: str) -> tuple[Counter, Counter, Counter, Counter]:
-        children = self._compute_children.get(model)
+    def _compute(self, model: str, version: str) -> tuple[Counter, Counter, Counter, Counter]:
+        children = self._compute_children.get((model, version))
         if children is None:
-            children = self._compute_children[model] = (
-                self.compute_requests.labels(model),
-                self.compute_request_seconds.labels(model, "input"),
-                self.compute_request_seconds.labels(model, "infer"),
-                self.compute_request_seconds.labels(model, "output"),
+            children = self._compute_children[(model, version)] = (
+                self.compute_requests.labels(model, version),
+                self.compute_request_seconds.labels(model, version, "input"),
+                self.compute_request_seconds.labels(model, version, "infer"),
+                self.compute_request_seconds.labels(model, version, "output"),
             )
         return children
 
     def on_request(
-        self, model: str, protocol: str, status: int | str, seconds: float, counted: bool
+        self,
+        model: str,
+        protocol: str,
+        status: int | str,
+        seconds: float,
+        counted: bool,
+        version: str = "",
     ) -> None:
-        """One finished request; ``counted`` when it reached the model (success or failure).
-        ``status`` is the HTTP status, or the gRPC status code's name ("OK", ...)."""
-        key = (model, protocol, status, counted)
+        """One finished request; ``counted`` when it reached the model (success or failure),
+        served by ``version``. ``status`` is the HTTP status, or the gRPC status code's name
+        ("OK", ...)."""
+        key = (model, protocol, status, counted, version)
         children = self._request_children.get(key)
         if children is None:
             children = self._request_children[key] = self._children(*key)
@@ -276,7 +289,9 @@ class Metrics:
             outcomes.inc()
             outcome_seconds.inc(seconds)
 
-    def _children(self, model: str, protocol: str, status: int | str, counted: bool) -> _Children:
+    def _children(
+        self, model: str, protocol: str, status: int | str, counted: bool, version: str
+    ) -> _Children:
         # labels() takes a lock and builds a key on every call: 4 calls per request were ~3%
         # of the event loop's time under load, so each label combination is looked up once.
         # Label values come only from repository names, protocols and statuses: bounded.
@@ -284,19 +299,21 @@ class Metrics:
         return (
             self.requests.labels(model, protocol, str(status)),
             self.request_seconds.labels(model, protocol),
-            self.outcomes.labels(model, outcome) if counted else None,
-            self.outcome_seconds.labels(model, outcome) if counted else None,
+            self.outcomes.labels(model, version, outcome) if counted else None,
+            self.outcome_seconds.labels(model, version, outcome) if counted else None,
         )
 
-    def model_stats(self) -> dict[str, ModelStats]:
-        """Triton statistics per model, from this process's collectors or every worker's."""
-        stats: dict[str, ModelStats] = {}
+    def model_stats(self) -> dict[tuple[str, str], ModelStats]:
+        """Triton statistics per (model, version), from this process's collectors or every
+        worker's."""
+        stats: dict[tuple[str, str], ModelStats] = {}
         for family in self._collect():
             for sample in family.samples:
-                model = sample.labels.get("model")
-                if model is None:
+                model, version = sample.labels.get("model"), sample.labels.get("version")
+                if model is None or version is None:
                     continue
-                _add_sample(stats.setdefault(model, ModelStats()), sample.name, sample)
+                key = (model, version)
+                _add_sample(stats.setdefault(key, ModelStats()), sample.name, sample)
         return stats
 
     def _collect(self) -> Iterable[Metric]:

@@ -127,10 +127,16 @@ class Protocol:
 
     def model_stats(self, name: str | None, version: str | None) -> dict[str, Any]:
         """Triton's statistics extension, for one model or (``name`` None) every served one."""
-        # Counters are per model (every version together): the collectors have no version.
-        served = [self.store.get(name, version)] if name else list(self.store.served.values())
+        if name:
+            served = [self.store.get(name, version)]
+        else:  # every version served, as Triton lists them
+            served = [s for versions in self.store.versions.values() for s in versions.values()]
         stats = self.metrics.model_stats()
-        return {"model_stats": [_stats(s, stats.get(s.config.name, ModelStats())) for s in served]}
+        return {
+            "model_stats": [
+                _stats(s, stats.get((s.config.name, s.version), ModelStats())) for s in served
+            ]
+        }
 
     # ----------------------------------------------------------------- model repository
 

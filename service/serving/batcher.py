@@ -73,6 +73,7 @@ class BatchRecord:
     # and handing each request its rows back.
     input_seconds: float = 0.0
     output_seconds: float = 0.0
+    version: str = ""  # the model version that ran it (Triton's statistics are per version)
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Batcher:
         inline_below_s: float = INLINE_BELOW_S,
     ) -> None:
         self.model = model
+        self._version = str(model.version.version)
         # Work expected to take at most this long may run on the event loop's thread.
         self.inline_below_s = inline_below_s
         self.max_batch_size = max_batch_size
@@ -372,7 +374,13 @@ class Batcher:
             compute = time.perf_counter() - started
             self._trace(live, rows, merging, exc)
             record = BatchRecord(
-                self.model.name, rows, len(live), queue_seconds, compute, failed=True
+                self.model.name,
+                rows,
+                len(live),
+                queue_seconds,
+                compute,
+                failed=True,
+                version=self._version,
             )
             if len(live) == 1:
                 log.exception("inference failed for model '%s' (%d rows)", self.model.name, rows)
@@ -418,6 +426,7 @@ class Batcher:
             compute,
             input_seconds=started - merging,
             output_seconds=time.perf_counter() - splitting,
+            version=self._version,
         )
         return results, record
 

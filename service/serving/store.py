@@ -255,6 +255,24 @@ class ModelStore:
             f"found; served versions: {', '.join(sorted(versions, key=int))}"
         )
 
+    def counted_as(self, name: str, version: str | None) -> tuple[str, str | None]:
+        """For a finished request to (``name``, ``version``): its metrics' model label, and
+        the served version whose statistics count it (None: it reached no model).
+
+        Only names and versions the repository has become label values, so that a client
+        cannot grow the metrics by inventing them; a model once served keeps its label, so
+        requests that drain after its unload still count under its name.
+        """
+        known = name in self.served or name in self.failed or name in self.known
+        label = name if known else "unknown"
+        versions = self.versions.get(name)
+        if not versions:
+            return label, None
+        if version:
+            return label, version if version in versions else None
+        default = self.served.get(name)
+        return label, default.version if default is not None else None
+
     def admit(self, name: str, version: str | None = None) -> Served:
         """The model, if it can take one more request now: the cheap checks a transport makes
         before it reads and decodes a body (unknown model, not ready, queue full)."""

@@ -338,9 +338,15 @@ def test_reload_with_a_config_override(
             path = f"/v2/models/a/versions/{version}/infer"
             assert answered_version(http.post(path, json=infer_body())) == version
         assert answered_version(http.post("/v2/models/a/infer", json=infer_body())) == 2
-        stats = client.get_inference_statistics("a", "1")["model_stats"]
-        assert [(s["name"], s["version"]) for s in stats] == [("a", "1")]
-        assert stats[0]["inference_count"] >= 2 * len(X)  # the model's, all versions
+        # Statistics per version, as Triton keeps them: version 1 ran one request, version 2
+        # two (the versioned one and the unversioned one); all models: both versions listed.
+        for version, requests in (("1", 1), ("2", 2)):
+            stats = client.get_inference_statistics("a", version)["model_stats"]
+            assert [(s["name"], s["version"]) for s in stats] == [("a", version)]
+            assert stats[0]["inference_count"] == requests * len(X), stats
+            assert int(stats[0]["inference_stats"]["success"]["count"]) == requests, stats
+        every = client.get_inference_statistics()["model_stats"]
+        assert {(s["name"], s["version"]) for s in every} >= {("a", "1"), ("a", "2")}
 
         # A load without an override goes back to what config.json says.
         client.load_model("a")
