@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -63,24 +63,15 @@ class Request:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
         coding = request_coding(self.header(b"content-encoding"))
         if coding is not None:
-            return await self._inflated(Inflater(coding, limit), limit)
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected("the client disconnected while sending its body")
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
+            inflater = Inflater(coding, limit)
+            async for chunk in self._chunks(limit):
+                await inflater.feed(chunk)
+            return inflater.finish()
+        chunks = [chunk async for chunk in self._chunks(limit)]
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _inflated(self, inflater: Inflater, limit: int) -> bytes:
+    async def _chunks(self, limit: int) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive, refused past ``limit`` bytes on the wire."""
         size = 0
         while True:
             message = await self.receive()
@@ -91,9 +82,9 @@ class Request:
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                await inflater.feed(chunk)
+                yield chunk
             if not message.get("more_body", False):
-                return inflater.finish()
+                return
 
     async def until_disconnected(self, result: asyncio.Future[T]) -> T:
         """``result``, or cancel it when the client goes away first.
