@@ -398,8 +398,7 @@ class Batcher:
                 self.model.name,
                 len(live),
             )
-            if self._on_batch is not None:
-                self._record_later(record)
+            self._record_later(record)
             for item in live:
                 alone, alone_record = self._execute([item])
                 results += alone
