@@ -229,7 +229,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
         # Cheapest first, as on HTTP: the model and room in its queue, then the declarations,
         # then the data.
         served = self.protocol.admit(request.model_name, request.model_version or None)
+        decoding = time.perf_counter()
         decoded = decode_request(request, self.limits, served.model.signature.check_declared)
+        decode_seconds = time.perf_counter() - decoding
         timeout_ms = decoded.timeout_ms
         if remaining_s is not None:
             # The client's gRPC deadline bounds the wait too: past it, nobody reads the answer.
@@ -238,7 +240,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):  # type: ignore[m
             remaining_ms = remaining_s * 1000
             timeout_ms = remaining_ms if timeout_ms is None else min(timeout_ms, remaining_ms)
         outputs = await self.protocol.submit(served, decoded.inputs, timeout_ms, decoded.outputs)
-        return encode_response(served.config.name, served.version, decoded, outputs)
+        encoding = time.perf_counter()
+        response = encode_response(served.config.name, served.version, decoded, outputs)
+        # Triton's compute_input / compute_output include the request's own decode and encode,
+        # as on HTTP (service.front.routes_v2).
+        self.protocol.metrics.on_codec(
+            served.config.name, served.version, decode_seconds, time.perf_counter() - encoding
+        )
+        return response
 
     # ----------------------------------------------------------------- shared
 
