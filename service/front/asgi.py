@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -62,29 +62,24 @@ class Request:
         if declared is not None and declared > limit:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
         coding = request_coding(self.header(b"content-encoding"))
-        if coding is not None:
-            inflater = Inflater(coding, limit)
-            async for chunk in self._chunks(limit):
-                await inflater.feed(chunk)
-            return inflater.finish()
-        chunks = [chunk async for chunk in self._chunks(limit)]
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _chunks(self, limit: int) -> AsyncIterator[bytes]:
-        """The body's chunks as they arrive, refused past ``limit`` bytes on the wire."""
-        size = 0
-        while True:
-            message = await self.receive()
-            if message["type"] == "http.disconnect":
-                raise ClientDisconnected("the client disconnected while sending its body")
-            chunk = message.get("body", b"")
+        inflater = Inflater(coding, limit) if coding is not None else None
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            # A plain loop, not an async generator: one of those per request cost ~5% of the
+            # loop's time under load (its creation, finalizer hooks and an extra frame).
+            chunk, more = _chunk(await self.receive())
             if chunk:
                 size += len(chunk)
                 if size > limit:
                     raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-                yield chunk
-            if not message.get("more_body", False):
-                return
+                if inflater is not None:
+                    await inflater.feed(chunk)
+                else:
+                    chunks.append(chunk)
+        if inflater is not None:
+            return inflater.finish()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def until_disconnected(self, result: asyncio.Future[T]) -> T:
         """``result``, or cancel it when the client goes away first.
@@ -106,6 +101,13 @@ class Request:
             raise  # the server cancelled this request (shutdown): not the client's doing
         finally:
             watcher.cancel()
+
+
+def _chunk(message: Message) -> tuple[bytes, bool]:
+    """One ``http.request`` message's body bytes and whether more follow."""
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnected("the client disconnected while sending its body")
+    return message.get("body", b""), message.get("more_body", False)
 
 
 def _cancel_on_disconnect(result: asyncio.Future[Any], watcher: asyncio.Future[None]) -> None:

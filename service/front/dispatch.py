@@ -27,6 +27,9 @@ if TYPE_CHECKING:  # imports OpenTelemetry: only ever loaded when tracing is on
 
 log = logging.getLogger("normserve")
 
+# Where the early refusal leaves the route it matched, so that the request is routed once.
+_MATCHED = "normserve.route"
+
 
 class HttpFront:
     def __init__(
@@ -51,6 +54,7 @@ class HttpFront:
         path: str = scope["path"]
         try:
             route, params = self.router.match("POST", path)
+            scope[_MATCHED] = route, params  # the dispatcher's, if the request goes on
             if route.admit is None:
                 return None
             route.admit(self.ctx, params)
@@ -81,7 +85,8 @@ class HttpFront:
         params: dict[str, str] = {}
         trace = None if self.tracing is None else self._begin_trace(scope, current=True)
         try:
-            route, params = self.router.match(method, path)
+            matched = scope.get(_MATCHED)
+            route, params = matched if matched is not None else self.router.match(method, path)
             if trace is not None:  # the template names the span (low cardinality)
                 trace.span.update_name(f"{method} {route.path}")
             response = await route.handler(self.ctx, Request(scope, receive, params, request_id))

@@ -116,6 +116,9 @@ class Batcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
         self._thread: threading.Thread | None = None
+        # True from start() until the worker ends (it clears it on its way out, whatever the
+        # cause): asked on every request, where Thread.is_alive() takes a lock.
+        self._alive = False
         # Guards the four fields below, shared by the loop and the worker thread.
         self._cond = threading.Condition(threading.Lock())
         self._waiting: collections.deque[_Pending] = collections.deque()
@@ -140,6 +143,7 @@ class Batcher:
         self._thread = threading.Thread(
             target=self._work, name=f"batcher:{self.model.name}", daemon=True
         )
+        self._alive = True
         self._thread.start()
 
     @property
@@ -206,8 +210,7 @@ class Batcher:
             )
 
     def _check_accepting(self) -> None:
-        thread = self._thread
-        if thread is None or self._stopping or not thread.is_alive():
+        if self._stopping or not self._alive:
             raise ModelNotReady(f"model '{self.model.name}' is not accepting requests")
 
     async def stop(self) -> None:
@@ -280,6 +283,12 @@ class Batcher:
     # ----------------------------------------------------------------- worker thread
 
     def _work(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self._alive = False
+
+    def _serve(self) -> None:
         loop = self._loop
         assert loop is not None
         while True:

@@ -229,11 +229,6 @@ class ModelStore:
         return sorted({*self.served, *self.failed})
 
     def get(self, name: str, version: str | None = None) -> Served:
-        if not MODEL_NAME.fullmatch(name):
-            raise InvalidInput(
-                f"invalid model name {name[:64]!r}: names are 1-128 letters, digits, '_', '.', '-'"
-                " and start with a letter or digit"
-            )
         # The unversioned route gets the highest served version.
         served = self.versions.get(name, {}).get(version) if version else self.served.get(name)
         if served is None:
@@ -242,6 +237,13 @@ class ModelStore:
         return served
 
     def _missing(self, name: str, version: str | None) -> None:
+        # Only a name that is not served is checked: a served one is valid by construction,
+        # and the check is a regular expression on every request's path otherwise.
+        if not MODEL_NAME.fullmatch(name):
+            raise InvalidInput(
+                f"invalid model name {name[:64]!r}: names are 1-128 letters, digits, '_', '.', '-'"
+                " and start with a letter or digit"
+            )
         if name in self.failed:
             raise ModelNotReady(
                 f"model '{name}' is not available: it failed to load ({self.failed[name]})"
