@@ -442,3 +442,28 @@ def test_a_queue_delay_is_honoured_for_a_lone_quick_request(tmp_path: Path) -> N
 
     asyncio.run(scenario())
     assert len(model.threads) == 1, "the two requests ran apart"
+
+
+# The worker's exception is the point of the test; pytest would report it as unhandled.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_batcher_whose_worker_ended_refuses_instead_of_queueing(tmp_path: Path) -> None:
+    # Liveness is a flag the worker clears on its way out, whatever ends it: a request must
+    # then be refused as not ready, never queued for a worker that will not take it.
+    model = _model(tmp_path)
+
+    async def scenario() -> None:
+        batcher = Batcher(model, max_batch_size=8, max_queue_delay_s=0, max_queue_size=8)
+
+        def broken() -> None:
+            raise RuntimeError("the worker ends here")
+
+        batcher._serve = broken  # type: ignore[method-assign]
+        batcher.start()
+        assert batcher._thread is not None
+        await asyncio.to_thread(batcher._thread.join, 10)
+        with pytest.raises(ModelNotReady, match="not accepting"):
+            batcher.check_room()
+        with pytest.raises(ModelNotReady):
+            batcher.enqueue({"x": _rows(1, 0)})
+
+    asyncio.run(scenario())
