@@ -17,6 +17,7 @@ fields, and ``traceback`` for an exception.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextvars import ContextVar
 from datetime import UTC, datetime
@@ -80,6 +81,55 @@ class TextFormatter(logging.Formatter):
 FORMATTERS: dict[str, type[logging.Formatter]] = {"json": JsonFormatter, "text": TextFormatter}
 
 
+class LineBatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """stderr, written once per event-loop iteration instead of once per line.
+
+    Under load the access log is a line per request, and a write (and flush) per line was
+    most of its cost; lines emitted on a thread running an event loop are kept until the
+    loop's next iteration and written together, in order. Elsewhere (start-up, the batcher's
+    threads, shutdown) a line is written at once, after any still kept, so nothing is
+    reordered; ``logging.shutdown`` flushes what is left at exit.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._kept: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # Called with the handler's lock held (Handler.handle), as flush() takes it too.
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        kept = self._kept
+        kept.append(line)
+        if loop is None:
+            self._write()
+        elif len(kept) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self.acquire()
+        try:
+            if self._kept:
+                self._write()
+        finally:
+            self.release()
+
+    def _write(self) -> None:
+        lines, self._kept = self._kept, []
+        try:
+            self.stream.write("".join(lines))
+            self.stream.flush()
+        except Exception:  # a closed or broken stderr must not fail the request
+            self.handleError(logging.makeLogRecord({"msg": "log write failed"}))
+
+
 def log_config(log_format: LogFormat, level: str) -> dict[str, Any]:
     """The dictConfig for the whole process: one stderr handler on the root logger, and
     uvicorn's loggers emptied of their own handlers so that they propagate to it."""
@@ -92,7 +142,7 @@ def log_config(log_format: LogFormat, level: str) -> dict[str, Any]:
         "formatters": {"normserve": {"()": FORMATTERS[log_format]}},
         "handlers": {
             "stderr": {
-                "class": "logging.StreamHandler",
+                "()": LineBatchingHandler,
                 "formatter": "normserve",
                 "stream": "ext://sys.stderr",
             }
