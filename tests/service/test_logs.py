@@ -131,3 +131,49 @@ def test_refused_settings_in_json(tmp_path: Path) -> None:
     (line,) = result.stderr.splitlines()
     entry = json.loads(line)
     assert entry["level"] == "ERROR" and "port" in entry["message"]
+
+
+class _Writes:
+    """A stream that remembers each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_lines_of_one_loop_iteration_leave_in_one_write_and_in_order() -> None:
+    import asyncio
+    import logging
+
+    from service.operations.logs import LineBatchingHandler, TextFormatter
+
+    stream = _Writes()
+    handler = LineBatchingHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("normserve.test.batching")
+    logger.propagate = False
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    async def scenario() -> list[str]:
+        logger.info("first")
+        logger.info("second")
+        assert stream.writes == []  # kept until the loop's next iteration
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return list(stream.writes)
+
+    try:
+        writes = asyncio.run(scenario())
+        assert len(writes) == 1
+        assert writes[0].index("first") < writes[0].index("second")
+        assert writes[0].count("\n") == 2
+        logger.info("outside any loop")  # written at once: nothing runs a loop to flush it
+        assert len(stream.writes) == 2 and "outside any loop" in stream.writes[1]
+    finally:
+        logger.removeHandler(handler)
