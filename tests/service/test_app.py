@@ -302,3 +302,17 @@ def test_statistics_count_each_request_in_every_compute_phase(repository: Path) 
     assert (
         sum(b["compute_infer"]["count"] for b in entry["batch_stats"]) == entry["execution_count"]
     )
+
+
+def test_start_up_leaves_its_heap_out_of_the_collectors_passes(repository: Path) -> None:
+    import gc
+
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    try:
+        with _client(repository) as client:
+            assert client.get("/v2/health/ready").status_code == 200
+            # The modules, sessions and tables start-up made: frozen once ready.
+            assert gc.get_freeze_count() > 10_000
+    finally:
+        gc.unfreeze()
