@@ -94,7 +94,11 @@ def test_a_missing_engine_fails_that_model_with_the_install_command(
         _model(repository, "openvino")
     _with_engine(repository, "openvino")
     with TestClient(create_app(Settings(repository=repository))) as client:
-        assert client.get("/v2/models/digits_cnn/ready").status_code != 200
+        answer = client.get("/v2/models/digits_cnn/ready")
+        # Unavailable, not unknown: the model is in the repository and failed to load, and
+        # the reason names the command that fixes it.
+        assert answer.status_code == 503, answer.text
+        assert "pip install 'normserve[openvino]'" in answer.json()["error"]
 
 
 def test_onnxruntime_is_the_default_engine(repository: Path) -> None:
