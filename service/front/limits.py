@@ -56,13 +56,14 @@ import resource
 import weakref
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from uvicorn.config import Config
 from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from service.front.asgi import DISCONNECT_WATCH
 from service.front.errors import error_body
 from service.front.writes import OneSend, raw_answer
 from service.settings import OPEN_FILES_RESERVE, Settings
@@ -255,6 +256,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.answered = False  # answered here: what arrives now is thrown away
         self.stopping = False  # the server is shutting down: the grace deadline runs
         self.lingering: asyncio.TimerHandle | None = None
+        # service.front.asgi.DisconnectWatch: the future of the request being answered, which
+        # a lost connection cancels, and whether the connection was lost.
+        self.watched: asyncio.Future[Any] | None = None
+        self.lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -265,6 +270,10 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.deadline = self.guard.now + self.guard.idle_s  # a fresh connection's first request
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        watched = self.watched
+        if watched is not None and not watched.done():
+            watched.cancel()
         self.guard.forget(self)
         if self.lingering is not None:
             self.lingering.cancel()
@@ -390,6 +399,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         refuse = self.app_state.get(EARLY_REFUSAL)
         refused = refuse(cycle.scope) if refuse is not None else None
         if refused is None:
+            cast(dict[str, Any], cycle.scope)[DISCONNECT_WATCH] = self
             super()._start_asgi_task(cycle, app)
             return
         response, request_id = refused

@@ -680,3 +680,34 @@ def test_memory_is_stable_over_a_soak(server: RunningServer, reference: Referenc
         f"RSS grew by {growth / 1024:.1f} MiB over {SOAK_TOTAL - SOAK_WARMUP} requests "
         f"({after_warmup} -> {after_soak} KiB)"
     )
+
+
+def test_a_client_gone_while_its_request_waits_costs_no_inference(tmp_path: Path) -> None:
+    """Provably: a 1.5 s batching window holds the request queued; its client hangs up after
+    0.2 s; the connection cancels the request, the batch drops it, and the server counts it
+    as 499 with no inference run for it."""
+    from tiny_onnx import FEATURES, tiny_repository
+
+    repository = tiny_repository(tmp_path)
+    args = ("--max-queue-delay-ms", "1500", "--access-log", "false")
+    with running_server(repository, tmp_path, *args) as srv:
+        x = [0.5] * FEATURES
+        body = orjson.dumps(
+            {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1, FEATURES], "data": x}]}
+        )
+        host, port = srv.http_url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(
+                b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            time.sleep(0.2)  # queued: the batcher waits 1.5 s for company
+        wait_for(lambda: request_counts(srv.http_url, "tiny").get("499") == 1, "a 499")
+        time.sleep(1.5)  # past the window: the batch ran (or would have)
+        assert model_stats(srv.http_url, "tiny")["inference_count"] == 0
+        # The server is unharmed: the next request is answered.
+        answer = httpx.post(f"{srv.http_url}/v2/models/tiny/infer", content=body, timeout=10)
+        assert answer.status_code == 200, answer.text
+        assert model_stats(srv.http_url, "tiny")["inference_count"] == 1
