@@ -19,6 +19,7 @@ import orjson
 
 from service.errors import ClientDisconnected, PayloadTooLarge
 from service.front.encoding import Inflater, request_coding
+from service.front.writes import answer
 from service.protocol.request_limits import header_int
 
 Scope = MutableMapping[str, Any]
@@ -34,6 +35,9 @@ T = TypeVar("T")
 # Where the connection (service.front.limits) offers to watch for its client going away: a
 # ``DisconnectWatch`` in the scope. Under another server the request watches for itself.
 DISCONNECT_WATCH = "normserve.disconnect_watch"
+# Where it offers the request's response cycle, to answer in one write (writes.answer);
+# under another server answers go through the ASGI ``send``.
+RESPONSE_CYCLE = "normserve.response_cycle"
 
 
 class DisconnectWatch(Protocol):
@@ -166,10 +170,14 @@ def json_response(content: Any, status: int = 200) -> Response:
 
 
 async def send_response(
-    send: Send, response: Response, request_id: bytes, *, head: bool = False
+    scope: Scope, send: Send, response: Response, request_id: bytes, *, head: bool = False
 ) -> None:
     headers = response.headers
-    headers.append((b"content-length", str(len(response.body)).encode()))
     headers.append((b"x-request-id", request_id))
+    cycle = scope.get(RESPONSE_CYCLE)
+    if cycle is not None:
+        await answer(cycle, response.status, headers, response.body, head_only=head)
+        return
+    headers.append((b"content-length", str(len(response.body)).encode()))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
     await send({"type": "http.response.body", "body": b"" if head else response.body})

@@ -101,7 +101,7 @@ class HttpFront:
             # The server cancelled this request (shutdown past its grace period): answer
             # cleanly if the connection still listens, and let the cancellation go on.
             response = error_response(503, "the server is shutting down; retry")
-            await self._send(send, response, request_id, method)
+            await self._send(scope, send, response, request_id, method)
             if trace is not None:
                 trace.end({"http.response.status_code": 503}, error="cancelled")
             raise
@@ -111,7 +111,7 @@ class HttpFront:
         if response.status == 200 and route is not None and route.inference is not None:
             _compress(response, scope)
         # Sent even for a client that went away (499): the server drops it then.
-        await self._send(send, response, request_id, method)
+        await self._send(scope, send, response, request_id, method)
         self._done(scope, route, params, response.status, started, request_id)
         if trace is not None:
             _end_trace(trace, response.status, request_id, params)
@@ -148,9 +148,11 @@ class HttpFront:
             client = (scope.get("client") or ("", 0))[0]
             log_access(request_id, scope["method"], scope["path"], status, seconds, client)
 
-    async def _send(self, send: Send, response: Response, request_id: bytes, method: str) -> None:
+    async def _send(
+        self, scope: Scope, send: Send, response: Response, request_id: bytes, method: str
+    ) -> None:
         try:
-            await send_response(send, response, request_id, head=method == "HEAD")
+            await send_response(scope, send, response, request_id, head=method == "HEAD")
         except OSError:  # the connection is gone: nothing more to do for it
             return
 

@@ -63,7 +63,7 @@ from uvicorn.protocols.http import httptools_impl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from service.front.asgi import DISCONNECT_WATCH
+from service.front.asgi import DISCONNECT_WATCH, RESPONSE_CYCLE
 from service.front.errors import error_body
 from service.front.writes import OneSend, raw_answer
 from service.settings import OPEN_FILES_RESERVE, Settings
@@ -399,7 +399,9 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         refuse = self.app_state.get(EARLY_REFUSAL)
         refused = refuse(cycle.scope) if refuse is not None else None
         if refused is None:
-            cast(dict[str, Any], cycle.scope)[DISCONNECT_WATCH] = self
+            scope = cast(dict[str, Any], cycle.scope)
+            scope[DISCONNECT_WATCH] = self
+            scope[RESPONSE_CYCLE] = cycle
             super()._start_asgi_task(cycle, app)
             return
         response, request_id = refused

@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Protocol
 
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE
+
 
 class _Cycle(Protocol):
     response_started: bool
@@ -61,14 +63,51 @@ def raw_answer(
     body: bytes,
     *,
     close: bool,
+    head_only: bool = False,
 ) -> bytes:
     """A whole answer written by the connection itself, not through an app's response cycle
-    (the front's own refusals): ``headers`` must not hold Content-Length or Connection."""
+    (the front's own refusals, ``answer``): ``headers`` must not hold Content-Length or
+    Connection. ``head_only``: the answer to HEAD, its body's length but not the body."""
     head = [status_line]
     for name, value in (*default_headers, *headers):
         head += [name, b": ", value, b"\r\n"]
     head += [b"content-length: ", str(len(body)).encode(), b"\r\n"]
     if close:
         head.append(b"connection: close\r\n")
-    head += [b"\r\n", body]
+    head.append(b"\r\n")
+    if not head_only:
+        head.append(body)
     return b"".join(head)
+
+
+async def answer(
+    cycle: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes, *, head_only: bool
+) -> None:
+    """The whole answer of an app's request in one write, with the bookkeeping of uvicorn's
+    own ``send`` (httptools_impl.RequestResponseCycle; uvicorn is pinned): its back-pressure
+    wait, a gone client, keep-alive or close, and the next request of the connection.
+
+    Through ``send`` an answer costs two ASGI messages, each checked, its headers copied and
+    searched by regular expressions, a second write held back by ``OneSend``; the headers here
+    are the front's own (X-Request-ID is bounded and comes from a parsed request line, which
+    cannot hold CR or LF).
+    """
+    if cycle.flow.write_paused and not cycle.disconnected:
+        await cycle.flow.drain()
+    if cycle.disconnected or cycle.response_started:
+        return
+    data = raw_answer(
+        STATUS_LINE[status],
+        cycle.default_headers,
+        headers,
+        body,
+        close=not cycle.keep_alive,
+        head_only=head_only,
+    )
+    cycle.transport.write(data)  # before response_started: OneSend passes it straight on
+    cycle.response_started = cycle.response_complete = True
+    cycle.waiting_for_100_continue = False
+    cycle.message_event.set()
+    if not cycle.keep_alive:
+        cycle.transport.close()
+    cycle.on_response()
