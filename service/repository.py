@@ -48,11 +48,20 @@ class _Strict(BaseModel):
 
 
 class TensorSpec(_Strict):
-    """One input or output: axis 0 is the batch axis and is always -1 (any size)."""
+    """One input or output: axis 0 is the batch axis and is always -1 (any size); another
+    -1 axis is variable too (a sequence's length: Triton's variable-size dims)."""
 
     name: Annotated[str, Field(min_length=1)]
     datatype: Datatype
     shape: Annotated[list[Annotated[int, Field(ge=-1)]], Field(min_length=1)]
+    # The largest size of each variable axis, as TensorRT's optimization profiles bound
+    # Triton's -1 dims (its model configuration has no field for it): same rank as ``shape``,
+    # -1 at the batch axis (max_batch_size bounds it) and the fixed axes' own sizes; a
+    # variable axis at -1 has no cap but the request body limits. Left out of config.json
+    # when None, so files written before it read and write back unchanged.
+    max_shape: list[Annotated[int, Field(ge=-1)]] | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
 
     @model_validator(mode="after")
     def _batch_axis_is_variable(self) -> TensorSpec:
@@ -60,7 +69,33 @@ class TensorSpec(_Strict):
             raise ValueError(
                 f"tensor '{self.name}': axis 0 is the batch axis and must be -1, got {self.shape}"
             )
+        if self.max_shape is not None:
+            _check_max_shape(self.name, self.shape, self.max_shape)
         return self
+
+    def metadata(self) -> dict[str, object]:
+        """The tensor as V2 metadata describes one: name, datatype, shape (-1: any size)."""
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    def variable_axes(self) -> list[int]:
+        """The axes other than the batch axis whose size a request chooses."""
+        return [axis for axis, dim in enumerate(self.shape) if axis > 0 and dim == -1]
+
+
+def _check_max_shape(name: str, shape: list[int], max_shape: list[int]) -> None:
+    expected = [-1, *("N" if d == -1 else d for d in shape[1:])]
+    if len(max_shape) != len(shape) or max_shape[0] != -1 or 0 in max_shape:
+        raise ValueError(
+            f"tensor '{name}': max_shape {max_shape} must have the rank of shape {shape}, -1 "
+            f"at the batch axis and a size of at least 1 (or -1) at each variable axis: "
+            f"{expected}"
+        )
+    for axis, (dim, cap) in enumerate(zip(shape[1:], max_shape[1:], strict=True), start=1):
+        if dim != -1 and cap != dim:
+            raise ValueError(
+                f"tensor '{name}': max_shape {max_shape} gives axis {axis} size {cap}, but "
+                f"shape {shape} fixes it at {dim}; only -1 axes take a cap"
+            )
 
 
 class Batching(_Strict):

@@ -104,6 +104,60 @@ def batch_mean_repository(root: Path, name: str = "centering", **config: object)
     )
 
 
+# A sequence model with two dynamic axes, [batch, length, FEATURES]: the mean over the length
+# axis, then the tiny classifier's x @ W + b. Zero padding moves the mean (it has no mask),
+# so an answer computed on a padded batch differs from the request's own.
+SEQUENCE_MAX_LENGTH = 16
+
+
+def sequence_expected(x: np.ndarray) -> np.ndarray:
+    """What the sequence model computes for ``x`` [batch, length, FEATURES]."""
+    return x.mean(axis=1) @ WEIGHT + BIAS
+
+
+def write_sequence_onnx(path: Path) -> Path:
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x", "axes"], ["pooled"], keepdims=0),
+            helper.make_node("MatMul", ["pooled", "W"], ["xw"]),
+            helper.make_node("Add", ["xw", "B"], ["scores"]),
+        ],
+        "sequence",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length", FEATURES])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["batch", CLASSES])],
+        [
+            numpy_helper.from_array(np.array([1], dtype=np.int64), "axes"),
+            numpy_helper.from_array(WEIGHT, "W"),
+            numpy_helper.from_array(BIAS, "B"),
+        ],
+    )
+    return save_checked(graph, path)
+
+
+def sequence_repository(root: Path, name: str = "sequence", **config: object) -> Path:
+    """A repository with the sequence model: input ``x`` [-1, -1, FEATURES], its length
+    capped at ``SEQUENCE_MAX_LENGTH`` in config.json."""
+    source = write_sequence_onnx(root / f"{name}-source.onnx")
+    x = TensorSpec(
+        name="x",
+        datatype="FP32",
+        shape=[-1, -1, FEATURES],
+        max_shape=[-1, SEQUENCE_MAX_LENGTH, FEATURES],
+    )
+    out = TensorSpec(name="scores", datatype="FP32", shape=[-1, CLASSES])
+    return install_source(
+        root,
+        source,
+        {
+            "name": name,
+            "inputs": [x.model_dump()],
+            "outputs": [out.model_dump()],
+            "max_batch_size": 8,
+            **config,
+        },
+    )
+
+
 def save_checked(graph: onnx.GraphProto, path: Path) -> Path:
     """``graph`` as an opset-18 model that passes the full onnx checker, saved at ``path``."""
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])

@@ -9,6 +9,7 @@ transport (gRPC) calls the same methods and maps the same errors to its own code
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,7 +19,7 @@ from service.errors import InvalidInput
 from service.operations.metrics import Metrics, ModelStats
 from service.protocol.v2_response import check_requested
 from service.protocol.v2_types import RequestedOutput
-from service.repository import TensorSpec
+from service.repository import ModelConfig, TensorSpec
 from service.serving.control import ModelControl
 from service.serving.store import ModelStore, Place, Served
 
@@ -69,8 +70,8 @@ class Protocol:
             # Every served version of the model, lowest first.
             "versions": sorted(self.store.versions.get(config.name, {}), key=int),
             "platform": served.model.platform,
-            "inputs": [s.model_dump() for s in config.inputs],
-            "outputs": [s.model_dump() for s in config.outputs],
+            "inputs": [s.metadata() for s in config.inputs],
+            "outputs": [s.metadata() for s in config.outputs],
             "parameters": {
                 "description": config.description,
                 "max_batch_size": served.batcher.max_batch_size,
@@ -78,6 +79,7 @@ class Protocol:
                 "batch_dependent": config.batch_dependent,
                 **({"labels": config.labels} if config.labels is not None else {}),
                 **({"derived_from": config.derived_from} if config.derived_from else {}),
+                **({"max_shape": caps} if (caps := _max_shapes(config)) else {}),
             },
         }
 
@@ -94,8 +96,8 @@ class Protocol:
             "ready": True,
             "version": served.version,
             "description": config.description,
-            "inputs": [s.model_dump() for s in config.inputs],
-            "outputs": [s.model_dump() for s in config.outputs],
+            "inputs": [s.metadata() for s in config.inputs],
+            "outputs": [s.metadata() for s in config.outputs],
             "labels": config.labels,
         }
 
@@ -122,6 +124,11 @@ class Protocol:
             "parameters": {
                 "intra_op_thread_count": {"string_value": str(served.model.threads)},
                 "batch_dependent": {"string_value": str(config.batch_dependent).lower()},
+                # Triton's configuration has no cap for a -1 dim: a parameter per capped input.
+                **{
+                    f"max_shape.{name}": {"string_value": json.dumps(cap)}
+                    for name, cap in _max_shapes(config).items()
+                },
             },
         }
 
@@ -178,6 +185,11 @@ class Protocol:
         if requested is not None:
             check_requested(requested, [s.name for s in served.config.outputs])
         return self.store.submit(served, inputs, timeout_ms, place)
+
+
+def _max_shapes(config: ModelConfig) -> dict[str, list[int]]:
+    """Each input's cap on its variable axes (``max_shape`` in config.json), where it has one."""
+    return {s.name: s.max_shape for s in config.inputs if s.max_shape is not None}
 
 
 def _triton_tensor(spec: TensorSpec) -> dict[str, Any]:

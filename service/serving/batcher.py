@@ -313,28 +313,47 @@ class Batcher:
                 return
 
     def _take(self) -> list[_Pending]:
-        """The head of the queue and what else fits in one batch (the lock is held)."""
+        """The head of the queue and what else fits in one batch (the lock is held): the
+        waiting requests with the head's per-sample shapes, in queue order, as Triton batches
+        without ragged batching. Requests of other shapes (a sequence model's other lengths)
+        keep their order for the next batches."""
         waiting = self._waiting
         first = waiting.popleft()
         batch, rows = [first], first.rows
         if self.merge:
-            while waiting and rows + waiting[0].rows <= self.max_batch_size:
+            shapes = {name: a.shape[1:] for name, a in first.inputs.items()}
+            others: list[_Pending] = []
+            while waiting and rows < self.max_batch_size:
                 item = waiting.popleft()
-                batch.append(item)
-                rows += item.rows
+                if any(a.shape[1:] != shapes[name] for name, a in item.inputs.items()):
+                    others.append(item)
+                elif rows + item.rows > self.max_batch_size:
+                    waiting.appendleft(item)
+                    break
+                else:
+                    batch.append(item)
+                    rows += item.rows
+            waiting.extendleft(reversed(others))
         return batch
 
     def _gather_more(self, batch: list[_Pending]) -> None:
-        """Waits up to ``max_queue_delay`` for requests to fill the batch further."""
+        """Waits up to ``max_queue_delay`` for requests of the batch's per-sample shapes to
+        fill it further; requests of other shapes stay where they are."""
+        shapes = {name: a.shape[1:] for name, a in batch[0].inputs.items()}
         rows = sum(item.rows for item in batch)
         until = time.perf_counter() + self.max_queue_delay_s
         with self._cond:
+            skipped = 0  # the queue's first requests, already found of other shapes
             while rows < self.max_batch_size:
                 waiting = self._waiting
-                if waiting:
-                    if rows + waiting[0].rows > self.max_batch_size:
+                if len(waiting) > skipped:
+                    item = waiting[skipped]
+                    if any(a.shape[1:] != shapes[name] for name, a in item.inputs.items()):
+                        skipped += 1
+                        continue
+                    if rows + item.rows > self.max_batch_size:
                         return
-                    item = waiting.popleft()
+                    del waiting[skipped]
                     batch.append(item)
                     rows += item.rows
                     continue
@@ -342,6 +361,8 @@ class Batcher:
                 if remaining <= 0 or self._stopping:
                     return
                 self._cond.wait(remaining)
+                # The loop may have run the queue's head meanwhile (_drain_inline): look again.
+                skipped = 0
 
     def _run_batch(self, batch: list[_Pending]) -> tuple[_Results, BatchRecord | None]:
         try:

@@ -86,10 +86,28 @@ def _check_declared(
             )
     if shape[0] < 1:
         raise InvalidInput(f"input '{spec.name}': the batch is empty (shape {shape})")
+    for axis in spec.variable_axes():
+        _check_length(spec, shape, axis)
     if shape[0] > max_batch:
         raise InvalidInput(
             f"input '{spec.name}': batch size {shape[0]} exceeds the model's maximum "
             f"{max_batch} (axis 0 is the batch axis); split the request"
+        )
+
+
+def _check_length(spec: TensorSpec, shape: list[int], axis: int) -> None:
+    """A variable axis (a sequence's length) holds at least 1 and at most its cap: an
+    empty sequence has no last step to answer from, and the cap bounds one request's work."""
+    if shape[axis] < 1:
+        raise InvalidInput(
+            f"input '{spec.name}': axis {axis} is empty (shape {shape}); the model's variable "
+            f"axis {axis} takes a size of at least 1"
+        )
+    cap = -1 if spec.max_shape is None else spec.max_shape[axis]
+    if cap != -1 and shape[axis] > cap:
+        raise InvalidInput(
+            f"input '{spec.name}': axis {axis} has size {shape[axis]}, above the model's "
+            f"maximum {cap} (max_shape {spec.max_shape}); shorten the sequence or split it"
         )
 
 
