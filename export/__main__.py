@@ -23,6 +23,7 @@ from pathlib import Path
 # First of ours: it imports our models/service packages before a same-named package of the
 # current directory can shadow them (see export/cli_imports.py).
 from export import cli_imports
+from export.axes import DYNAMIC_AXIS_SYNTAX, parse_dynamic_axis
 from export.behavior_report import CURVE_EPOCHS, CURVE_SEEDS, DEFAULT_OUT, DOCS_PLOT, run_behavior
 from export.build import DEFAULT_CHECKPOINTS, DEFAULT_REPOSITORY, build_repository
 from export.checkpoint import CheckpointError
@@ -94,6 +95,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "--input-shape", type=parse_shape, help="one FP32 input's per-sample shape, e.g. 3,32,32"
     )
     shapes.add_argument("--input", action="append", type=parse_input, help=INPUT_HELP)
+    onnx.add_argument(
+        "--dynamic-axis",
+        action="append",
+        type=parse_dynamic_axis,
+        default=[],
+        help=f"{DYNAMIC_AXIS_SYNTAX}: axis AXIS of input NAME (0 is the batch axis) takes any "
+        "size from 1 to MAX, e.g. input:1:64 for a sequence's length: served as -1, capped "
+        "at MAX in config.json; the example's size there is the shape's",
+    )
     onnx.add_argument("--name", required=True, help="model name in the repository")
     onnx.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     onnx.add_argument("--opset", type=int, default=DEFAULT_OPSET)

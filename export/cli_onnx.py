@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from export.axes import check_axes, infos
 from export.checkpoint import load_into
 from export.cli_imports import UserModelError, load_factory, user_code, user_folder
 from export.cli_inputs import InputSpec, examples
@@ -39,7 +40,10 @@ def run_onnx(args: argparse.Namespace) -> int:
     inputs = input_specs(args)
     labels = read_labels(args.labels)
     output_names = _names(args.output_name) if args.output_name else None
-    input_infos = [spec.info() for spec in inputs]
+    # The dynamic axes are checked against the example shapes before any user code runs.
+    example_shapes = examples(inputs, EXAMPLE_BATCH)
+    by_input = check_axes(args.dynamic_axis, [spec.name for spec in inputs], example_shapes)
+    input_infos = infos([spec.info() for spec in inputs], by_input)
     check_name(args.name)
     check_install(
         args.repository, args.name, input_infos, replace=args.replace, version=args.version
@@ -70,6 +74,7 @@ def run_onnx(args: argparse.Namespace) -> int:
                 samples=_samples(inputs),
                 labels=labels,
                 source=args.model,
+                dynamic_axes=args.dynamic_axis,
             )
         for reason in report.kept_reasons.values():
             print(f"note: {reason}", file=sys.stderr)

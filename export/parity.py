@@ -63,6 +63,11 @@ PARITY_BATCHES = (1, 7, 64)
 PARITY_MAX_ELEMENTS = 2**16
 PARITY_MIN_OTHER_BATCH = 3
 PARITY_SEED = 0
+# With a dynamic axis besides the batch axis (a sequence's length): parity also runs at length
+# 1 and at this many times the example's length (at most the axis's cap), at batch
+# PARITY_MIN_OTHER_BATCH, so an axis the graph fixed, or a step that only works for the
+# lengths seen, fails; the example's 8 rows give lengths 1, 8, 24.
+PARITY_LENGTH_FACTOR = 3
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,13 @@ def default_batches(args: Sequence[torch.Tensor]) -> list[int]:
     per_sample = max(1, sum(int(a[0].numel()) for a in args))
     cap = max(PARITY_MIN_OTHER_BATCH, PARITY_MAX_ELEMENTS // per_sample)
     return sorted({min(b, cap) for b in PARITY_BATCHES})
+
+
+def default_lengths(example: int, cap: int | None) -> list[int]:
+    """The lengths parity tries on a dynamic sequence axis: 1, the example's, and a longer one
+    (``PARITY_LENGTH_FACTOR`` times the example's, at most ``cap``)."""
+    longer = example * PARITY_LENGTH_FACTOR
+    return sorted({1, example, longer if cap is None else min(longer, cap)})
 
 
 def parity_cases(

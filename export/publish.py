@@ -186,4 +186,5 @@ def _problems(exc: ValidationError) -> str:
 
 
 def _spec(t: TensorInfo) -> TensorSpec:
-    return TensorSpec.model_validate({"name": t.name, "datatype": t.datatype, "shape": t.shape})
+    fields = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+    return TensorSpec.model_validate(fields | ({"max_shape": t.max_shape} if t.max_shape else {}))

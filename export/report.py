@@ -11,6 +11,8 @@ class TensorInfo:
     name: str
     datatype: str
     shape: list[int]
+    # Each axis's largest size where a variable axis has a cap (export.axes), else None.
+    max_shape: list[int] | None = None
 
 
 @dataclass
@@ -46,6 +48,9 @@ class ExportReport:
     parity_fallback: str | None = None
     # Wall-clock seconds per phase: fold, export, parity, write (and unfolded when asked).
     seconds: dict[str, float] = field(default_factory=dict)
+    # The lengths parity ran at when an axis besides the batch axis is dynamic (export.axes),
+    # the example's among them; empty when only the batch axis is.
+    parity_lengths: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         nodes = (
@@ -63,6 +68,8 @@ class ExportReport:
 
     def parity_summary(self) -> str:
         batches = ",".join(map(str, self.parity_batches))
+        if self.parity_lengths:
+            batches += f"; lengths {','.join(map(str, self.parity_lengths))}"
         if self.parity_fallback is not None or self.parity_torch_error is None:
             return (
                 f"parity max|Δ| vs torch fp32 {self.parity_max_abs_error:.1e} (bound "

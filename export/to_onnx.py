@@ -33,12 +33,16 @@ import torch
 from torch import nn
 from torch.utils import _pytree
 
+from export import axes as dynamic
+from export.axes import DynamicAxis
 from export.fold import fold_batchnorm_with_report
 from export.parity import (
+    PARITY_MIN_OTHER_BATCH,
     ParityResult,
     ParityRule,
     check_parity,
     default_batches,
+    default_lengths,
     flatten_outputs,
     parity_cases,
 )
@@ -46,6 +50,7 @@ from export.report import ExportReport, TensorInfo
 
 __all__ = [
     "BatchDependentError",
+    "DynamicAxis",
     "ExportError",
     "ExportReport",
     "OpsetError",
@@ -98,6 +103,7 @@ def export_onnx(
     metadata: Mapping[str, str] | None = None,
     unfolded_path: str | Path | None = None,
     parity_reference: nn.Module | None = None,
+    dynamic_axes: Sequence[DynamicAxis] = (),
 ) -> ExportReport:
     """Export ``model`` (any mode; never changed) to one ONNX file at ``path``.
 
@@ -112,6 +118,11 @@ def export_onnx(
     ``parity_reference``: the module whose outputs the file must match, when that is not
     ``model`` in eval mode (export.batchstats holds its explicit graph against torch's own
     training-mode BatchNorm); called as given, under ``no_grad``.
+
+    ``dynamic_axes``: axes besides the batch axis that take any size (a sequence's length,
+    export.axes): exported as symbolic dims, checked to be symbolic in the written graph, and
+    held to parity at lengths 1, the example's and a longer one. A model with BatchNorm
+    statistics per time step is refused (``export.axes.DynamicAxisError``).
     """
     started = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -121,25 +132,42 @@ def export_onnx(
     if any(b < 1 for b in batches) or not (batches or samples is not None):
         raise ExportError(f"parity needs batch sizes of at least 1 (or samples), got {batches}")
     _refuse_batch_dependent(model)
+    by_input = dynamic.check_axes(dynamic_axes, input_names, args)
     reference = copy.deepcopy(model).eval()
+    if by_input:
+        dynamic.refuse_per_step_statistics(reference, args, by_input)
     export_args = tuple(_resize_batch(a, EXPORT_BATCH) for a in args)
     with _timed(seconds, "fold"):
         folded, fold_report = fold_batchnorm_with_report(model, export_args)
     # The first parity case also tells the output structure and the LayerNorm calls: one
     # forward less (a ResNet-50 at 224x224 costs ~0.1 s a sample).
     cases = parity_cases(args, batches, samples)
+    lengths = _lengths(args, by_input)
+    for length in lengths:
+        if length != _length(args, by_input):
+            longer = dynamic.resized(args, by_input, length)
+            cases += parity_cases(longer, [PARITY_MIN_OTHER_BATCH], None)
     out, ln_calls = _forward_counting_layernorm(reference, cases[0])
+    if by_input:
+        # A loop over the sequence calls each step's LayerNorms once per step, but the graph
+        # holds the step once (a Scan body): count the calls of a one-step sequence.
+        one_step = tuple(dynamic.resized(cases[0], by_input, 1))
+        ln_calls = _forward_counting_layernorm(reference, one_step)[1]
+    shapes = dynamic.dynamic_shapes(len(args), by_input)
     outputs = _output_tensors(out)
     output_names = _output_names(out, output_names)
 
     before: onnx.ModelProto | None = None
     if unfolded_path is not None:
         with _timed(seconds, "unfolded"):
-            before = _export_proto(reference, export_args, input_names, output_names, opset, False)
+            before = _export_proto(
+                reference, export_args, input_names, output_names, opset, False, shapes
+            )
             _write_unfolded(before, Path(unfolded_path))
     with _timed(seconds, "export"):
-        proto = _export_proto(folded, export_args, input_names, output_names, opset, True)
+        proto = _export_proto(folded, export_args, input_names, output_names, opset, True, shapes)
     with _timed(seconds, "check"):
+        dynamic.check_graph_inputs(proto, input_names, by_input)
         data = _serialized(proto)
         _check_graph(proto, data, opset, ln_calls)
 
@@ -160,7 +188,8 @@ def export_onnx(
     with _timed(seconds, "write"):
         _write(data, path, meta)
     seconds["total"] = time.perf_counter() - started
-    ops = [n.op_type for n in proto.graph.node]
+    ops = [n.op_type for n in dynamic.all_nodes(proto.graph)]
+    output_infos = [_info(n, o) for n, o in zip(output_names, outputs, strict=True)]
     return ExportReport(
         path=path,
         opset=opset,
@@ -177,13 +206,31 @@ def export_onnx(
         parity_max_abs_error=worst.file_error,
         parity_bound=worst.bound,
         parity_batches=[_batch(case) for case in cases],
-        inputs=[_info(n, a) for n, a in zip(input_names, args, strict=True)],
-        outputs=[_info(n, o) for n, o in zip(output_names, outputs, strict=True)],
+        inputs=dynamic.infos(
+            [_info(n, a) for n, a in zip(input_names, args, strict=True)], by_input
+        ),
+        outputs=dynamic.output_infos(proto, output_infos) if by_input else output_infos,
         metadata=meta,
         parity_torch_error=worst.torch_error,
         parity_fallback=result.fallback,
         seconds=seconds,
+        parity_lengths=lengths,
     )
+
+
+def _length(args: Sequence[torch.Tensor], by_input: Mapping[int, Mapping[int, DynamicAxis]]) -> int:
+    """The example's size on the dynamic axes (export.axes.check_axes: at least 2)."""
+    return min(int(args[i].shape[axis]) for i, specs in by_input.items() for axis in specs)
+
+
+def _lengths(
+    args: Sequence[torch.Tensor], by_input: Mapping[int, Mapping[int, DynamicAxis]]
+) -> list[int]:
+    """The lengths parity runs at (export.parity.default_lengths); none without dynamic axes."""
+    if not by_input:
+        return []
+    caps = [s.max_size for specs in by_input.values() for s in specs.values() if s.max_size]
+    return default_lengths(_length(args, by_input), min(caps) if caps else None)
 
 
 def _arguments(
@@ -222,16 +269,20 @@ def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
 def _quiet_exporter() -> Iterator[None]:
     # The exporter logs progress and optional-dependency warnings (torchvision) on every
     # call; the report says what matters.
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # onnx_ir warns that a Scan without per-step outputs has an empty attribute (typed INTS,
+    # as ONNX wants it).
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", DeprecationWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _export_proto(
@@ -241,9 +292,8 @@ def _export_proto(
     output_names: list[str],
     opset: int,
     optimize: bool,
+    shapes: tuple[dict[int, torch.export.Dim], ...],
 ) -> onnx.ModelProto:
-    batch = torch.export.Dim("batch")
-    dynamic = tuple({0: batch} for _ in args)
     try:
         with _quiet_exporter(), torch.no_grad():
             program = torch.onnx.export(
@@ -252,7 +302,7 @@ def _export_proto(
                 dynamo=True,
                 input_names=input_names,
                 output_names=output_names,
-                dynamic_shapes=dynamic,
+                dynamic_shapes=shapes,
                 opset_version=opset,
                 external_data=False,
                 optimize=optimize,
@@ -277,7 +327,7 @@ def _check_graph(proto: onnx.ModelProto, data: bytes, opset: int, layernorm_call
             f"exporter supports (18 and above convert reliably)"
         )
     _refuse_training_nodes(proto)
-    nodes = sum(n.op_type == "LayerNormalization" for n in proto.graph.node)
+    nodes = sum(n.op_type == "LayerNormalization" for n in dynamic.all_nodes(proto.graph))
     if nodes < layernorm_calls:
         raise ExportError(
             f"{layernorm_calls} LayerNorm calls became only {nodes} LayerNormalization nodes: "
@@ -332,7 +382,7 @@ def _write_unfolded(proto: onnx.ModelProto, path: Path) -> None:
 
 
 def _refuse_training_nodes(proto: onnx.ModelProto) -> None:
-    for node in proto.graph.node:
+    for node in dynamic.all_nodes(proto.graph):
         if node.op_type == "Dropout":
             raise ExportError(
                 f"node '{node.name}' is a Dropout: training-mode Dropout makes outputs random"

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.data import IMAGE_SIDE, NUM_CLASSES
+from models.scan import scan_steps
 
 
 class LayerNormLSTMCell(nn.Module):
@@ -49,6 +50,6 @@ class RowLSTM(nn.Module):
         # zeros from the input's own batch size keep the batch axis dynamic in the export.
         h = image.new_zeros(image.shape[0], self.cell.hidden_size)
         c = torch.zeros_like(h)
-        for t in range(image.shape[1]):
-            h, c = self.cell(image[:, t], (h, c))
+        # A loop over the rows that stays a dynamic axis when exported with one (models.scan).
+        h, c = scan_steps(self.cell, (h, c), image)
         return self.head(h)
