@@ -31,11 +31,15 @@ from benchmarks.perf_analyzer import (
 )
 from benchmarks.procs import tree_rss_bytes
 from benchmarks.report import evaluate_goals, plot, write_markdown
+from benchmarks.sequence import sequence_benchmark
 from benchmarks.serving import bench_repository, bodies, running_normserve
 from benchmarks.wrk import wrk_available
 from service.settings import cpu_budget
 
 ROOT = Path(__file__).resolve().parents[1]
+# The variable-length model's load points: one client, and the 64 connections the issue asks
+# for (mixed lengths against equal lengths).
+SEQUENCE_CONCURRENCY = [1, 64]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -59,6 +63,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--mlserver-venv", type=Path, default=Path(".bench/mlserver-venv"))
     parser.add_argument("--no-mlserver", action="store_true", help="skip the MLServer peer")
     parser.add_argument("--no-http", action="store_true", help="engines only")
+    parser.add_argument(
+        "--no-sequence",
+        action="store_true",
+        help="skip the variable-length model (mixed vs equal lengths under load)",
+    )
     parser.add_argument(
         "--export-model",
         default="resnet50:224",
@@ -145,6 +154,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             report["overload"]["digits_cnn"] = overload_benchmark(
                 args.repository, digits, args.http_rounds, args.duration, work, log
             )
+            if not args.no_sequence:
+                report["sequence"] = sequence_benchmark(
+                    args.repository,
+                    SEQUENCE_CONCURRENCY,
+                    args.http_rounds,
+                    args.duration,
+                    top,
+                    work,
+                    log,
+                )
 
     report["goals"] = evaluate_goals(report)
     report["elapsed_s"] = time.monotonic() - started

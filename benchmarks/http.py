@@ -88,7 +88,7 @@ def measure(target: Target, concurrency: int, duration_s: float, workdir: Path) 
     start = time.perf_counter()
     result = run_wrk(
         target.url + target.body.path,
-        target.body.content,
+        target.body.contents or target.body.content,
         content_type=target.body.content_type,
         headers=target.body.headers,
         connections=concurrency,

@@ -178,6 +178,7 @@ def evaluate_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     goals.extend(_reduced_precision_goals(report, threads))
+    goals.extend(_sequence_goals(report))
     goals.extend(_export_time_goals(report))
     cold = report.get("cold_start", {})
     if cold.get("normserve_first_inference_s"):
@@ -393,6 +394,7 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
             f"RSS after load (MiB): {rss}",
             "",
         ]
+    parts += _sequence_section(report.get("sequence"))
     for model, overload in report.get("overload", {}).items():
         parts += [
             f"## Overload: {model} (--max-queue-size {overload['queue_size']}, "
@@ -416,6 +418,68 @@ def write_markdown(report: dict[str, Any], path: Path) -> str:
     text = "\n".join(parts) + "\n"
     path.write_text(text)
     return text
+
+
+def _sequence_rate(sequence: dict[str, Any], mixed: bool, concurrency: int) -> float:
+    for row in sequence.get("series", []):
+        if ("mixed" in row["format"]) == mixed and row["concurrency"] == concurrency:
+            return float(row["requests_per_s"])
+    return math.nan
+
+
+def _sequence_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Mixed lengths against equal lengths on the variable-length model (informational: the
+    issue asks for the number, not a bound)."""
+    sequence = report.get("sequence")
+    if not sequence:
+        return []
+    mixed, equal = _sequence_rate(sequence, True, 64), _sequence_rate(sequence, False, 64)
+    return [
+        _goal(
+            f"{sequence['model']}: req/s at c=64, mixed lengths vs equal lengths",
+            mixed / equal,
+            "measured",
+            None,
+            f"{mixed:.0f} vs {equal:.0f} req/s (a batch holds requests of one length)",
+        )
+    ]
+
+
+def _sequence_section(sequence: dict[str, Any] | None) -> list[str]:
+    if not sequence:
+        return []
+    offline = sequence["offline"]
+    ms = offline["ms"]
+    return [
+        f"## Variable-length model: {sequence['model']} (one row per request, wrk on 127.0.0.1)",
+        "",
+        f"Model: {sequence['source']}.",
+        "",
+        _table(
+            ["lengths", "concurrency", "req/s", "p50 ms", "p99 ms", "errors", "noisy rounds"],
+            [
+                [
+                    r["format"],
+                    r["concurrency"],
+                    r["requests_per_s"],
+                    r["p50_ms"],
+                    r["p99_ms"],
+                    r["errors"],
+                    r["noisy_rounds"],
+                ]
+                for r in sequence["series"]
+            ],
+        ),
+        "",
+        f"Batching {offline['requests']} one-row requests of lengths {offline['lengths']} in "
+        f"onnxruntime ({offline['threads']} threads): grouped by length {_fmt(ms['grouped'])} ms "
+        f"(answers as each request's own, max|Δ| {_fmt(offline['grouped_max_abs_vs_alone'])}); "
+        f"padded to the longest {_fmt(ms['padded'])} ms, but answers moved by up to "
+        f"{_fmt(offline['padded_max_abs_vs_alone'])} and top-1 changed for "
+        f"{offline['padded_top1_changed']}/{offline['requests']} (the model has no mask); all "
+        f"at the mean length {_fmt(ms['equal'])} ms.",
+        "",
+    ]
 
 
 def _perf_analyzer_table(pa: dict[str, Any]) -> list[str]:

@@ -35,6 +35,9 @@ class Body:
     content: bytes
     content_type: str
     headers: dict[str, str]
+    # Bodies sent in turn instead of ``content`` when given (a variable-length model's mixed
+    # shapes); ``content`` is then the first of them, for the first-inference check.
+    contents: tuple[bytes, ...] = ()
 
 
 def bodies(

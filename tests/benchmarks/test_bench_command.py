@@ -192,3 +192,19 @@ def test_export_time_goal_arithmetic(tmp_path: Path) -> None:
     timing["tool_s"] = [13.0, 13.0]
     timing["ratio"] = 13.0 / 6.0
     assert not {g["goal"]: g for g in evaluate_goals(report)}[goal["goal"]]["met"]
+
+
+def test_variable_length_model_is_measured(smoke_report: dict[str, Any]) -> None:
+    """Mixed and equal lengths both answered at c=64 without errors; grouping by length
+    reproduces each request's own answer, padding (no mask) does not."""
+    sequence = smoke_report["sequence"]
+    rows = {(r["format"], r["concurrency"]): r for r in sequence["series"]}
+    for label in ("v2-json, all length 10", "v2-json, mixed lengths 4-16"):
+        row = rows[(label, 64)]
+        assert row["requests_per_s"] > 0 and row["errors"] == 0, row
+    offline = sequence["offline"]
+    assert offline["grouped_max_abs_vs_alone"] <= 1e-5
+    assert offline["padded_max_abs_vs_alone"] > 1e-3
+    assert all(ms > 0 for ms in offline["ms"].values())
+    goals = [g for g in smoke_report["goals"] if "mixed lengths vs equal lengths" in g["goal"]]
+    assert len(goals) == 1 and goals[0]["measured"] > 0

@@ -160,6 +160,24 @@ def test_error_statuses_are_counted(server: RunningServer, tmp_path: Path) -> No
 
 
 @needs_wrk
+def test_several_bodies_are_sent_in_turn(server: RunningServer, tmp_path: Path) -> None:
+    """A valid body and one the server refuses (400), in turn: about half the answers are
+    errors (each wrk thread cycles on its own, so the halves differ by a few at most)."""
+    refused = JSON_BODY.replace(b'"shape": [2, 4]', b'"shape": [4, 2]')
+    assert httpx.post(_infer_url(server), content=refused, timeout=10).status_code == 400
+    result = run_wrk(
+        _infer_url(server),
+        [JSON_BODY, refused],
+        content_type="application/json",
+        connections=CONNECTIONS,
+        duration_s=0.5,
+        workdir=tmp_path,
+    )
+    assert result.requests > 10, result
+    assert abs(2 * result.errors.status - result.requests) <= 2 * CONNECTIONS, result
+
+
+@needs_wrk
 def test_binary_tensor_extension_and_fractional_duration(
     server: RunningServer, tmp_path: Path
 ) -> None:
