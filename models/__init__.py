@@ -15,6 +15,8 @@ from torch import nn
 from models.cnn import DigitsCNN
 from models.data import IMAGE_SIDE, LABELS
 from models.recurrent import RowLSTM
+from models.sequence import SequenceLSTM
+from models.sequence_data import FEATURES, TRAIN_LENGTHS
 from models.transformer import RowTransformer
 
 
@@ -27,6 +29,9 @@ class TrainRecipe:
     batch_size: int = 64
     weight_decay: float = 1e-4
     seed: int = 0
+    # Sequence models: every training batch is resampled to one length drawn from this
+    # inclusive range (models/sequence_data.py), so no training batch is padded.
+    lengths: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class ModelSpec:
     build: Callable[[], nn.Module]
     description: str
     input_name: str
-    # Per-sample shape: the batch axis is not included.
+    # Per-sample shape: the batch axis is not included; -1 marks a dynamic (sequence) axis.
     input_shape: tuple[int, ...]
     output_name: str = "logits"
     labels: list[str] = field(default_factory=lambda: list(LABELS))
@@ -80,6 +85,19 @@ REGISTRY: dict[str, ModelSpec] = {
             input_name="image",
             input_shape=(IMAGE_SIDE, IMAGE_SIDE),
             recipe=TrainRecipe(epochs=30, lr=5e-3),
+        ),
+        ModelSpec(
+            name="digits_sequence",
+            build=SequenceLSTM,
+            description=(
+                "LSTM with LayerNorm on its gates and cell reading a digit as a sequence of any "
+                "number of rows of 8 pixels (the 8x8 image resampled along its rows; trained on "
+                f"{TRAIN_LENGTHS[0]} to {TRAIN_LENGTHS[1]} rows). Input: grey intensities in "
+                "[0, 1], ink = 1, shape [rows, pixels]."
+            ),
+            input_name="image",
+            input_shape=(-1, FEATURES),
+            recipe=TrainRecipe(epochs=15, lr=1e-2, lengths=TRAIN_LENGTHS),
         ),
     )
 }

@@ -22,6 +22,7 @@ from torch.nn import functional as F
 
 from models import ModelSpec
 from models.data import Digits, Split, load_digits_split
+from models.sequence_data import resample_rows
 
 # Two threads: fast on the 2-core machines this project targets, and the same on bigger
 # machines (which would otherwise pick another reduction order).
@@ -121,6 +122,8 @@ def train(
             steps_per_epoch=-(-len(data.train) // recipe.batch_size),
         )
         shuffle = torch.Generator().manual_seed(seed)
+        # Its own generator, so models without lengths draw the same batches as before.
+        lengths = torch.Generator().manual_seed(seed)
         x_train = shape_for(spec, data.train.images)
         history: list[EpochStats] = []
         best: tuple[float, int, dict[str, torch.Tensor]] | None = None
@@ -134,7 +137,12 @@ def train(
                 if len(index) < 2:
                     # BatchNorm cannot normalize a batch of one sample in train mode.
                     continue
-                logits = net(x_train[index])
+                x = x_train[index]
+                if recipe.lengths is not None:
+                    low, high = recipe.lengths
+                    steps = int(torch.randint(low, high + 1, (1,), generator=lengths))
+                    x = resample_rows(data.train.images[index], steps)
+                logits = net(x)
                 loss = F.cross_entropy(logits, data.train.labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
