@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from export.axes import DynamicAxis
 from export.batchstats import accuracy_in_batches, export_batch_statistics
 from export.checkpoint import load_into, save_safetensors
 from export.publish import publish
@@ -106,6 +107,16 @@ def trained_model(
     return result.model, True
 
 
+def dynamic_axes(spec: ModelSpec) -> list[DynamicAxis]:
+    """The registry's -1 axes (a sequence's length) as the export tool takes them, capped at
+    ``spec.max_length``; the example's size there is the digits' 8 rows."""
+    return [
+        DynamicAxis(spec.input_name, axis + 1, spec.max_length)
+        for axis, dim in enumerate(spec.input_shape)
+        if dim == -1
+    ]
+
+
 def _build_one(
     spec: ModelSpec,
     data: Digits,
@@ -130,6 +141,7 @@ def _build_one(
             labels=spec.labels,
             source=f"{type(model).__module__}.{type(model).__qualname__}",
             metadata={"normserve.test_accuracy": f"{accuracy:.4f}"},
+            dynamic_axes=dynamic_axes(spec),
         )
         publish(
             repository,

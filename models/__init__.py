@@ -16,7 +16,7 @@ from models.cnn import DigitsCNN
 from models.data import IMAGE_SIDE, LABELS
 from models.recurrent import RowLSTM
 from models.sequence import SequenceLSTM
-from models.sequence_data import FEATURES, TRAIN_LENGTHS
+from models.sequence_data import FEATURES, MAX_TRAIN_LENGTH, TRAIN_LENGTHS
 from models.transformer import RowTransformer
 
 
@@ -45,6 +45,9 @@ class ModelSpec:
     output_name: str = "logits"
     labels: list[str] = field(default_factory=lambda: list(LABELS))
     recipe: TrainRecipe = TrainRecipe(epochs=20, lr=3e-3)
+    # A sequence model (a -1 in input_shape): the most steps a request may send, written to
+    # config.json's max_shape when exported (export/build.py).
+    max_length: int | None = None
     # The accuracy the held-out test split must reach (checked by the tests).
     min_test_accuracy: float = 0.95
 
@@ -97,6 +100,7 @@ REGISTRY: dict[str, ModelSpec] = {
             ),
             input_name="image",
             input_shape=(-1, FEATURES),
+            max_length=4 * MAX_TRAIN_LENGTH,
             recipe=TrainRecipe(epochs=15, lr=1e-2, lengths=TRAIN_LENGTHS),
         ),
     )

@@ -29,6 +29,7 @@ from torch import nn
 
 from models.data import NUM_CLASSES
 from models.recurrent import LayerNormLSTMCell
+from models.scan import scan_steps
 from models.sequence_data import FEATURES, MAX_TRAIN_LENGTH
 
 HIDDEN = 64
@@ -63,6 +64,11 @@ class SequenceLSTM(nn.Module):
         # zeros from the input's own batch size keep the batch axis dynamic in the export.
         h = rows.new_zeros(rows.shape[0], self.cell.hidden_size)
         c = torch.zeros_like(h)
+        if lengths is None:
+            # The served call: a loop that stays a dynamic length axis when exported with
+            # one (models.scan: one ONNX Scan step), the plain loop otherwise.
+            h, c = scan_steps(self.cell, (h, c), rows)
+            return self.head(h)
         for t in range(rows.shape[1]):
             keep = None if lengths is None else lengths > t
             h, c = _freeze(keep, self.cell(rows[:, t], (h, c)), (h, c))

@@ -19,13 +19,17 @@ import torch
 from torch import nn
 
 from export.axes import DynamicAxis, DynamicAxisError, all_nodes, parse_dynamic_axis
+from export.build import dynamic_axes
 from export.publish import publish
 from export.to_onnx import export_onnx
-from models.recurrent import LayerNormLSTMCell, RowLSTM
+from models import REGISTRY
+from models.recurrent import LayerNormLSTMCell
+from models.sequence import BatchNormSequenceLSTM, SequenceLSTM
 
 FEATURES = 8
 EXAMPLE_LENGTH = 8
-MAX_LENGTH = 48
+SPEC = REGISTRY["digits_sequence"]
+MAX_LENGTH = SPEC.max_length or 0
 
 
 def _rows(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -105,22 +109,27 @@ class StepIndexedRNN(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, RowLSTM, object]:
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module, object]:
+    """The registry's digits_sequence (random weights), with the axes export/build.py gives
+    the export tool for its ``input_shape`` (-1, 8)."""
+    assert dynamic_axes(SPEC) == [DynamicAxis("image", 1, MAX_LENGTH)]
     torch.manual_seed(0)
-    model = RowLSTM(hidden=32).eval()
+    model = SequenceLSTM().eval()
     path = tmp_path_factory.mktemp("dynamic") / "model.onnx"
     report = export_onnx(
         model,
         _rows(4, EXAMPLE_LENGTH),
         path,
-        input_names=["image"],
-        output_names=["logits"],
-        dynamic_axes=[DynamicAxis("image", 1, MAX_LENGTH)],
+        input_names=[SPEC.input_name],
+        output_names=[SPEC.output_name],
+        dynamic_axes=dynamic_axes(SPEC),
     )
     return path, model, report
 
 
-def test_lstm_exports_with_batch_and_length_dynamic(exported: tuple[Path, RowLSTM, object]) -> None:
+def test_lstm_exports_with_batch_and_length_dynamic(
+    exported: tuple[Path, nn.Module, object],
+) -> None:
     path, _, report = exported
     assert report.inputs[0].shape == [-1, -1, FEATURES]  # type: ignore[attr-defined]
     assert report.inputs[0].max_shape == [-1, MAX_LENGTH, FEATURES]  # type: ignore[attr-defined]
@@ -138,7 +147,7 @@ def test_lstm_exports_with_batch_and_length_dynamic(exported: tuple[Path, RowLST
 
 @pytest.mark.parametrize("length", [1, 2, 13, MAX_LENGTH])
 def test_file_matches_pytorch_at_lengths_parity_did_not_try(
-    exported: tuple[Path, RowLSTM, object], length: int
+    exported: tuple[Path, nn.Module, object], length: int
 ) -> None:
     path, model, _ = exported
     rows = _rows(5, length, seed=length)
@@ -161,7 +170,7 @@ def test_a_python_loop_over_the_axis_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "loop.onnx").exists()
 
 
-@pytest.mark.parametrize("model", [StepNormRNN, StepIndexedRNN])
+@pytest.mark.parametrize("model", [StepNormRNN, StepIndexedRNN, BatchNormSequenceLSTM])
 def test_per_step_statistics_with_a_dynamic_axis_are_refused(
     tmp_path: Path, model: type[nn.Module]
 ) -> None:
