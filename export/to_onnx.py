@@ -2,7 +2,8 @@
 
 ``export_onnx`` never trusts the exporter: it folds BatchNorm itself (so the property does
 not depend on which exporter or optimizer ran), exports the folded eval-mode copy with a
-dynamic batch axis into one self-contained file, runs ``onnx.checker`` with the full check,
+dynamic batch axis (and the dynamic axes asked for, such as a sequence's length: export.axes
+checks that they stayed dynamic) into one self-contained file, runs ``onnx.checker`` with the full check,
 verifies the written opset, the absence of training-mode nodes and that every LayerNorm call
 became a ``LayerNormalization`` node, and finally runs the file in onnxruntime (graph
 optimizations disabled, so the exported graph's own numbers are checked) beside the original

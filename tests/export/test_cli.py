@@ -422,6 +422,8 @@ def existing_tiny(
         ("no/slash", [], ["model name 'no/slash'", "letters, digits"]),
         (".hidden", [], ["model name '.hidden'", "starting with a letter or digit"]),
         ("tiny", ["--version", "0"], ["version 0", "from 1"]),
+        ("tiny", ["--dynamic-axis", "other:1"], ["dynamic axis other:1", "no input 'other'"]),
+        ("tiny", ["--dynamic-axis", "input:2:8"], ["example's size 16 is above its maximum 8"]),
     ],
 )
 def test_mistake_is_refused_before_the_model_is_built(
