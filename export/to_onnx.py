@@ -3,12 +3,12 @@
 ``export_onnx`` never trusts the exporter: it folds BatchNorm itself (so the property does
 not depend on which exporter or optimizer ran), exports the folded eval-mode copy with a
 dynamic batch axis (and the dynamic axes asked for, such as a sequence's length: export.axes
-checks that they stayed dynamic) into one self-contained file, runs ``onnx.checker`` with the full check,
-verifies the written opset, the absence of training-mode nodes and that every LayerNorm call
-became a ``LayerNormalization`` node, and finally runs the file in onnxruntime (graph
-optimizations disabled, so the exported graph's own numbers are checked) beside the original
-PyTorch model in eval mode and a float64 copy of it, at batch sizes sized to the input
-(export.parity has the rule). Any miss raises a named error that says by how much.
+checks that they stayed dynamic) into one self-contained file, runs ``onnx.checker`` with the
+full check, verifies the written opset, the absence of training-mode nodes and that every
+LayerNorm call became a ``LayerNormalization`` node, and finally runs the file in onnxruntime
+(graph optimizations disabled, so the exported graph's own numbers are checked) beside the
+original PyTorch model in eval mode and a float64 copy of it, at batch sizes sized to the
+input (export.parity has the rule). Any miss raises a named error that says by how much.
 
 Time: one export (the unfolded one only when ``unfolded_path`` asks for it), one
 serialization, one checker pass, one write; parity batches are sized to the input
