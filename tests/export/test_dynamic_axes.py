@@ -2,13 +2,15 @@
 
 Real exports (torch.onnx, dynamo) of small random-init models, checked in onnxruntime at
 lengths the parity check did not try. Each export takes ~10-20 s on 2 cores, so only three
-tests export (the LayerNorm LSTM with the axis, the Python loop the exporter fixes, the
-per-step BatchNorm at a fixed length); the other refusals come before any export.
+tests export (the LayerNorm LSTM with the axis, through the command line; the Python loop the
+exporter fixes; the per-step BatchNorm at a fixed length); the other refusals come before
+any export.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_runner import run_cli_in_process
+from safetensors.torch import save_file
 from torch import nn
 
 from export.axes import DynamicAxis, DynamicAxisError, all_nodes, parse_dynamic_axis
@@ -25,6 +29,7 @@ from export.to_onnx import export_onnx
 from models import REGISTRY
 from models.recurrent import LayerNormLSTMCell
 from models.sequence import BatchNormSequenceLSTM, SequenceLSTM
+from service.repository import CONFIG_FILE, MODEL_FILE, ModelConfig, read_config
 
 FEATURES = 8
 EXAMPLE_LENGTH = 8
@@ -108,48 +113,57 @@ class StepIndexedRNN(nn.Module):
 # ------------------------------------------------------------------------ exports
 
 
+@dataclass(frozen=True)
+class Exported:
+    file: Path
+    model: nn.Module
+    config: ModelConfig
+    stdout: str
+
+
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module, object]:
-    """The registry's digits_sequence (random weights), with the axes export/build.py gives
-    the export tool for its ``input_shape`` (-1, 8)."""
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    """digits_sequence's model (random weights, from a checkpoint) exported by the command
+    line with the axis the registry gives it (export/build.py reads ``input_shape`` (-1, 8)
+    the same way)."""
     assert dynamic_axes(SPEC) == [DynamicAxis("image", 1, MAX_LENGTH)]
+    work = tmp_path_factory.mktemp("dynamic")
     torch.manual_seed(0)
     model = SequenceLSTM().eval()
-    path = tmp_path_factory.mktemp("dynamic") / "model.onnx"
-    report = export_onnx(
-        model,
-        _rows(4, EXAMPLE_LENGTH),
-        path,
-        input_names=[SPEC.input_name],
-        output_names=[SPEC.output_name],
-        dynamic_axes=dynamic_axes(SPEC),
-    )
-    return path, model, report
+    save_file(model.state_dict(), str(work / "sequence.safetensors"))
+    result = run_cli_in_process(
+        work,
+        "onnx", "--model", "models.sequence:SequenceLSTM", "--checkpoint",
+        "sequence.safetensors", "--input-shape", f"{EXAMPLE_LENGTH},{FEATURES}",
+        "--input-name", "image", "--output-name", "logits", "--dynamic-axis",
+        f"image:1:{MAX_LENGTH}", "--name", "sequence", "--repository", "repo",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = read_config(work / "repo" / "sequence" / CONFIG_FILE)
+    return Exported(work / "repo" / "sequence" / "1" / MODEL_FILE, model, config, result.stdout)
 
 
-def test_lstm_exports_with_batch_and_length_dynamic(
-    exported: tuple[Path, nn.Module, object],
-) -> None:
-    path, _, report = exported
-    assert report.inputs[0].shape == [-1, -1, FEATURES]  # type: ignore[attr-defined]
-    assert report.inputs[0].max_shape == [-1, MAX_LENGTH, FEATURES]  # type: ignore[attr-defined]
-    assert report.outputs[0].shape == [-1, 10]  # type: ignore[attr-defined]
-    assert report.parity_lengths == [1, EXAMPLE_LENGTH, 3 * EXAMPLE_LENGTH]  # type: ignore[attr-defined]
-    assert "lengths 1,8,24" in report.summary()  # type: ignore[attr-defined]
-    model = onnx.load(str(path))
+def test_lstm_exports_with_batch_and_length_dynamic(exported: Exported) -> None:
+    (image,) = exported.config.inputs
+    assert image.shape == [-1, -1, FEATURES]
+    assert image.max_shape == [-1, MAX_LENGTH, FEATURES]
+    assert [o.shape for o in exported.config.outputs] == [[-1, 10]]
+    # Parity at lengths 1, the example's and 3x it, besides the batches at the example's.
+    assert f"lengths 1,{EXAMPLE_LENGTH},{3 * EXAMPLE_LENGTH})" in exported.stdout
+    model = onnx.load(str(exported.file))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param or d.dim_value for d in dims] == ["batch", "length", FEATURES]
     ops = [n.op_type for n in all_nodes(model.graph)]
     # One step in a Scan body: each of the cell's three LayerNorms is one node, none unrolled.
     assert "Scan" in ops
-    assert ops.count("LayerNormalization") == 3 == report.layernorm_nodes  # type: ignore[attr-defined]
+    assert ops.count("LayerNormalization") == 3 == exported.config.latest.layernorm_nodes
 
 
 @pytest.mark.parametrize("length", [1, 2, 13, MAX_LENGTH])
 def test_file_matches_pytorch_at_lengths_parity_did_not_try(
-    exported: tuple[Path, nn.Module, object], length: int
+    exported: Exported, length: int
 ) -> None:
-    path, model, _ = exported
+    path, model = exported.file, exported.model
     rows = _rows(5, length, seed=length)
     with torch.no_grad():
         want = model(rows).numpy()
