@@ -199,9 +199,10 @@ def test_model_config(client: httpclient.InferenceServerClient, model: str) -> N
 
 def test_repository_index(client: httpclient.InferenceServerClient) -> None:
     index = client.get_model_repository_index()
-    # The defaults and the batch-statistics demonstration model built beside them.
+    # The defaults (the sequence model too) and the batch-statistics demonstration model.
+    built = (*MODELS, "digits_sequence", "digits_cnn_batchstats")
     assert sorted((e["name"], e.get("version"), e["state"]) for e in index) == sorted(
-        (m, "1", "READY") for m in (*MODELS, "digits_cnn_batchstats")
+        (m, "1", "READY") for m in built
     )
 
 
@@ -567,3 +568,26 @@ def test_one_request_per_image_equals_one_batch_bit_for_bit(
         f"{model}: max |single - batch of 8| = {np.abs(one_by_one - batched).max():.3g} "
         f"(in-process onnxruntime: {local:.3g})"
     )
+
+
+def test_sequence_model_takes_any_length_up_to_its_cap(
+    client: httpclient.InferenceServerClient,
+    built_repository: tuple[Path, Path, str],
+    digits: tuple[Images, np.ndarray],
+) -> None:
+    """digits_sequence as built: [-1, -1, 8] in metadata, the digits read at 3 and at 48 rows
+    (its cap) answered as onnxruntime answers them, 49 rows refused naming the cap."""
+    model = "digits_sequence"
+    (tensor,) = client.get_model_metadata(model)["inputs"]
+    assert tensor["shape"] == [-1, -1, 8]
+    cap = client.get_model_metadata(model)["parameters"]["max_shape"]["image"][1]
+    session = ort.InferenceSession(str(built_repository[0] / model / "1" / "model.onnx"))
+    images = digits[0][:4]
+    for length in (3, cap):
+        # Rows repeated and cut: any values of the right shape are a valid sequence.
+        x = np.ascontiguousarray(np.resize(images, (4, length, 8)), dtype=np.float32)
+        (want,) = session.run(None, {"image": x})
+        np.testing.assert_allclose(infer(client, model, x), want, atol=1e-5, rtol=0)
+    too_long = np.zeros((1, cap + 1, 8), np.float32)
+    with pytest.raises(InferenceServerException, match=f"above the model's maximum {cap}"):
+        infer(client, model, too_long)
