@@ -6,7 +6,7 @@ Each has a title and axis labels that say what was measured on what, so it reads
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def write_plots(report: Report, out_dir: Path) -> dict[str, str]:
-    """Draw every figure into ``out_dir``; returns section name → file name."""
+def write_plots(
+    report: Report,
+    out_dir: Path,
+    figures: Mapping[str, Callable[[Any, Report], Any]] | None = None,
+) -> dict[str, str]:
+    """Draw every figure (``FIGURES`` unless given) into ``out_dir``; returns section name →
+    file name."""
     plt = _pyplot()
     files = {}
-    for name, draw in FIGURES.items():
+    for name, draw in (FIGURES if figures is None else figures).items():
         fig = draw(plt, report)
         fig.savefig(out_dir / f"{name}.png", dpi=DPI)
         plt.close(fig)

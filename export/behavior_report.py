@@ -23,8 +23,10 @@ from typing import Any
 import torch
 
 from export import behavior as demos
+from export import behavior_sequence as sequences
 from export import behavior_training as training
-from export.behavior_plots import write_headline, write_plots
+from export.behavior_plots import FIGURES, write_headline, write_plots
+from export.behavior_sequence_report import SEQUENCE_FIGURES, SEQUENCE_SECTIONS
 from export.build import DEFAULT_CHECKPOINTS, trained_model
 from models import REGISTRY
 from models.data import load_digits_split
@@ -39,6 +41,7 @@ CURVE_SEEDS = 3
 CURVE_EPOCHS = 10
 TARGET_ACCURACY = 0.95
 CNN, TRANSFORMER, RECURRENT = "digits_cnn", "digits_transformer", "digits_recurrent"
+SEQUENCE = "digits_sequence"
 
 Log = Callable[[str], None]
 
@@ -128,6 +131,21 @@ def run_behavior(
             families, data, seeds=range(seeds), epochs=epochs, target=TARGET_ACCURACY, log=log
         ),
     )
+    begun = time.perf_counter()
+    ln_seq = models[SEQUENCE]
+    bn_seq = training.trained_sequence_batchnorm(REGISTRY[SEQUENCE], data, checkpoints, log)
+    seconds["sequence_batchnorm_model"] = time.perf_counter() - begun
+    with _threads(1):
+        images = data.test.images
+        measure(
+            "length_accuracy",
+            lambda: sequences.demo_length_accuracy(ln_seq, bn_seq, images, test_y),
+        )
+        measure(
+            "padding",
+            lambda: sequences.demo_padding(ln_seq, bn_seq, images, test_y, data.validation.images),
+        )
+        measure("alone_vs_mixed", lambda: sequences.demo_alone_vs_mixed(ln_seq, bn_seq, images))
     report["meta"] = {
         "seconds": seconds,
         "measure_seconds": time.perf_counter() - started,
@@ -140,7 +158,7 @@ def run_behavior(
         "test_accuracy": {n: evaluate(m, REGISTRY[n], data.test)[1] for n, m in models.items()},
         "test_samples": len(data.test),
     }
-    plots = write_plots(report, out_dir)
+    plots = write_plots(report, out_dir, {**FIGURES, **SEQUENCE_FIGURES})
     # The headline also goes beside the other plots: the web page serves it from there.
     write_headline(report, out_dir / REPORT_HEADLINE)
     if docs_plot is not None:
@@ -408,4 +426,5 @@ SECTIONS = [
     _md_export_consequences,
     _md_training_curves,
     _md_folding,
+    *SEQUENCE_SECTIONS,
 ]

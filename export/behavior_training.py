@@ -1,12 +1,16 @@
-"""Training with and without the norms (demonstration 8 of the behaviour report).
+"""The behaviour report's own training: with and without the norms (demonstration 8), and the
+per-step BatchNorm twin of ``digits_sequence`` (demonstrations 10-12).
 
-Same architecture, learning rate and seeds; only the normalization layers are swapped for
-identities, so the curves show what BatchNorm and LayerNorm change in training on digits.
+Demonstration 8: same architecture, learning rate and seeds; only the normalization layers
+are swapped for identities, so the curves show what BatchNorm and LayerNorm change in
+training on digits. The BatchNorm twin is trained with ``digits_sequence``'s recipe, seed and
+hidden size; it is not served, so its checkpoint sits beside the default models' ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,9 +18,13 @@ import torch
 from torch import nn
 
 from export.behavior import _NORMS, Log, _mean_std
+from export.checkpoint import load_into, save_safetensors
 from models import ModelSpec
 from models.data import Digits
+from models.sequence import BatchNormSequenceLSTM
 from models.train import TrainResult, evaluate, train
+
+SEQUENCE_BATCHNORM = "digits_sequence_batchnorm"
 
 # ---------------------------------------------------------------------------- 8
 
@@ -92,3 +100,28 @@ def _aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("train_accuracy", "test_accuracy", "accuracy_gap", "loss_gap"):
         result[key] = _mean_std([r[key] for r in runs])
     return result
+
+
+# ---------------------------------------------------------------------------- 10-12
+
+
+def trained_sequence_batchnorm(
+    spec: ModelSpec, data: Digits, checkpoints: Path, log: Log = lambda line: None
+) -> BatchNormSequenceLSTM:
+    """The per-step BatchNorm LSTM trained like ``spec`` (``digits_sequence``: same recipe,
+    seed and hidden size), from its checkpoint when there is one; in eval mode."""
+    checkpoint = checkpoints / f"{SEQUENCE_BATCHNORM}.safetensors"
+    if checkpoint.exists():
+        loaded = load_into(BatchNormSequenceLSTM(), checkpoint)
+        assert isinstance(loaded, BatchNormSequenceLSTM)
+        return loaded.eval()
+    log(f"[{SEQUENCE_BATCHNORM}] no checkpoint at {checkpoint}: training")
+    torch.manual_seed(spec.recipe.seed)
+    result = train(spec, data, model=BatchNormSequenceLSTM(), progress=log)
+    save_safetensors(
+        result.model,
+        checkpoint,
+        {"model": SEQUENCE_BATCHNORM, "test_accuracy": f"{result.test_accuracy:.4f}"},
+    )
+    assert isinstance(result.model, BatchNormSequenceLSTM)
+    return result.model

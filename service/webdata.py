@@ -5,7 +5,7 @@
   samples must come as a file. ``_web`` can never be a model (model names start with a
   letter or digit) and has no config.json, so ``list_models`` never sees it.
 * The behaviour report's plots, written by ``python -m export behavior`` into the report
-  directory (setting ``report_dir``). Only the names in ``REPORT_PLOTS`` are ever served.
+  directory (setting ``report_dir``). Only the names in ``SERVED_PLOTS`` are ever served.
 
 The samples format is defined once, here: export writes it through ``write_samples`` and
 the service reads it through ``SamplesFile``, so both sides agree by construction.
@@ -31,6 +31,10 @@ SIDE = 8
 # summarises. The page shows the first that exists.
 REPORT_HEADLINE = "headline.png"
 REPORT_PLOTS = (REPORT_HEADLINE, "batch_dependence.png", "train_vs_eval_accuracy.png")
+# The report's sequence-length experiment (LayerNorm vs per-step BatchNorm LSTMs by number of
+# rows): the page shows it beside the headline when it exists.
+LENGTH_PLOT = "length_accuracy.png"
+SERVED_PLOTS = (*REPORT_PLOTS, LENGTH_PLOT)
 BUILD_COMMAND = "python -m export build --skip-existing (or make repository)"
 REPORT_COMMAND = "python -m export behavior"
 
@@ -111,10 +115,10 @@ class SamplesFile:
 
 def report_plot(report_dir: Path, name: str) -> tuple[Path, str]:
     """(path, ETag) of an allow-listed plot of the behaviour report. Only the names in
-    ``REPORT_PLOTS`` ever reach the file system, so nothing else can be read."""
-    if name not in REPORT_PLOTS:
+    ``SERVED_PLOTS`` ever reach the file system, so nothing else can be read."""
+    if name not in SERVED_PLOTS:
         raise ResourceNotFound(
-            f"unknown report plot {name[:64]!r}; the page serves {list(REPORT_PLOTS)}"
+            f"unknown report plot {name[:64]!r}; the page serves {list(SERVED_PLOTS)}"
         )
     path = report_dir / name
     try:
@@ -127,7 +131,13 @@ def report_plot(report_dir: Path, name: str) -> tuple[Path, str]:
 
 
 def available_plots(report_dir: Path) -> list[str]:
+    """The headline's alternatives that exist, best first."""
     return [name for name in REPORT_PLOTS if (report_dir / name).is_file()]
+
+
+def length_plot(report_dir: Path) -> str | None:
+    """The length experiment's plot when it exists."""
+    return LENGTH_PLOT if (report_dir / LENGTH_PLOT).is_file() else None
 
 
 def _etag(stamp: tuple[int, ...]) -> str:

@@ -26,7 +26,13 @@ from service.errors import ResourceNotFound
 from service.front.asgi import Request, Response, json_response
 from service.front.context import Context
 from service.front.routing import Route
-from service.webdata import BUILD_COMMAND, REPORT_COMMAND, available_plots, report_plot
+from service.webdata import (
+    BUILD_COMMAND,
+    REPORT_COMMAND,
+    available_plots,
+    length_plot,
+    report_plot,
+)
 
 PAGE_DIR = Path(__file__).parent / "web"
 CONTENT_TYPES = {
@@ -119,6 +125,7 @@ async def info(ctx: Context, request: Request) -> Response:
         {
             "samples": ctx.samples.exists(),
             "report_plots": available_plots(ctx.settings.report_dir),
+            "length_plot": length_plot(ctx.settings.report_dir),
             "build_command": BUILD_COMMAND,
             "report_command": REPORT_COMMAND,
         }

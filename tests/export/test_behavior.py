@@ -45,6 +45,9 @@ SECTIONS = [
     "export_consequences",
     "folding",
     "training_curves",
+    "length_accuracy",
+    "padding",
+    "alone_vs_mixed",
 ]
 
 
@@ -328,7 +331,10 @@ def test_command_writes_the_whole_report(
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "no checkpoint" not in completed.stderr  # the session's checkpoints were used
+    # The session's checkpoints were used; only the BatchNorm twin of digits_sequence, which
+    # the repository build does not train, may be trained here.
+    retrained = [line for line in completed.stderr.splitlines() if "no checkpoint" in line]
+    assert all(behavior_training.SEQUENCE_BATCHNORM in line for line in retrained), retrained
     report = json.loads((out / "report.json").read_text())
     for section in SECTIONS:
         assert _numbers(report[section]) > 0, section

@@ -21,7 +21,13 @@ from service.app import NormserveApp, create_app
 from service.front.page import CONTENT_TYPES, PAGE_DIR
 from service.repository import list_models
 from service.settings import Settings
-from service.webdata import REPORT_HEADLINE, SAMPLES_PATH, DigitSamples, write_samples
+from service.webdata import (
+    LENGTH_PLOT,
+    REPORT_HEADLINE,
+    SAMPLES_PATH,
+    DigitSamples,
+    write_samples,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(64))
 SAMPLES = DigitSamples(
@@ -213,6 +219,21 @@ def test_report_plot_is_served_when_it_exists(repository: Path, report_dir: Path
         assert missing.status_code == 404
         assert "python -m export behavior" in missing.json()["error"]
         assert client.get("/ui/info.json").json()["report_plots"] == []
+
+
+def test_length_plot_is_offered_and_served_only_when_it_exists(
+    repository: Path, report_dir: Path
+) -> None:
+    with _client(repository, report_dir) as client:
+        assert client.get("/ui/info.json").json()["length_plot"] is None
+        assert client.get(f"/ui/report/{LENGTH_PLOT}").status_code == 404
+        (report_dir / LENGTH_PLOT).write_bytes(PNG)
+        info = client.get("/ui/info.json").json()
+        # Beside the headline, never instead of it.
+        assert info["length_plot"] == LENGTH_PLOT and info["report_plots"] == [REPORT_HEADLINE]
+        response = client.get(f"/ui/report/{LENGTH_PLOT}")
+        assert response.status_code == 200 and response.content == PNG
+        assert response.headers["content-type"] == "image/png"
 
 
 def test_samples_have_the_documented_shape(repository: Path, report_dir: Path) -> None:

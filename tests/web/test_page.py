@@ -22,6 +22,8 @@ import numpy as np
 import pytest
 from servers import ROOT, RunningServer, running_server
 
+from service.webdata import LENGTH_PLOT
+
 CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip(
@@ -65,6 +67,8 @@ def web(
     # in docs/ is that same figure.
     report = tmp_path_factory.mktemp("report")
     shutil.copyfile(ROOT / "docs" / "behavior.png", report / "headline.png")
+    # Any PNG stands in for the length experiment's plot: the test checks it is shown.
+    shutil.copyfile(ROOT / "docs" / "behavior.png", report / LENGTH_PLOT)
     logs = tmp_path_factory.mktemp("web-server")
     with running_server(built_repository[0], logs, "--report-dir", str(report)) as server:
         yield server
@@ -353,6 +357,9 @@ def test_train_vs_inference_comes_from_the_service(
     plot = page.locator("#report-plot")
     expect(plot).to_be_visible()
     assert page.evaluate("document.getElementById('report-plot').naturalWidth") > 0
+    expect(page.locator("#length-plot")).to_be_visible()
+    assert page.evaluate("document.getElementById('length-plot').naturalWidth") > 0
+    expect(page.locator("#length-caption")).to_contain_text("per time step")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=SCREENSHOTS / "page-desktop.png", full_page=True)
     print(f"screenshot: {SCREENSHOTS / 'page-desktop.png'}")
@@ -474,6 +481,7 @@ def test_without_samples_or_report_the_page_says_how_to_make_them(
             expect(page.locator("#show-sample")).to_be_disabled()
             expect(page.locator("#report-caption")).to_contain_text("python -m export behavior")
             expect(page.locator("#report-plot")).to_be_hidden()
+            expect(page.locator("#length-report")).to_be_hidden()
             _stroke(page, [(0.5, 0.1), (0.5, 0.9)])
             # Without test digits the panel still shows the batch of 1, from the service.
             expect(page.locator('#answers dd[data-batch="1"]')).to_be_visible()

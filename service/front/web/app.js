@@ -51,6 +51,22 @@ function showReport(info) {
     "by batch size, and how far one digit's logits move between batches.";
 }
 
+function showLengthReport(info) {
+  // Only when the report made it: an older report has no such plot, and the page says
+  // nothing about an experiment it cannot show.
+  if (!info.length_plot) return;
+  const image = $("length-plot");
+  image.src = `/ui/report/${encodeURIComponent(info.length_plot)}`;
+  image.hidden = false;
+  const caption = $("length-caption");
+  caption.textContent =
+    `From the behaviour report (${info.report_command}): digits read as sequences of rows of ` +
+    "varying count. LayerNorm normalizes each step of each sample on its own and keeps its " +
+    "accuracy past the longest training sequence; BatchNorm with statistics per time step has " +
+    "none there, and each fallback costs accuracy (digits_sequence is the LayerNorm one).";
+  $("length-report").hidden = false;
+}
+
 async function main() {
   // Everything is fetched first, then set up in one go: nothing can be drawn or picked
   // before every part of the page listens.
@@ -88,6 +104,7 @@ async function main() {
       samples ? samples.pixels : [],
     );
     showReport(info);
+    showLengthReport(info);
   }
 
   const trueLabel = $("true-label");
