@@ -33,7 +33,7 @@ from models.sequence_data import (
 
 LAYERNORM, BATCHNORM = "LayerNorm", "BatchNorm"
 # Past the trained lengths, the "batch" fallback also runs one sequence at a time at these.
-ALONE_LENGTHS = (16, 20, 24)
+ALONE_LENGTHS = (16, 24)
 PADDED_BATCH = 64
 DRIFT_PASSES = 10
 COMPANION_BATCHES = 32
