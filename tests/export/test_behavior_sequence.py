@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from export import behavior_sequence as demos
+from export.behavior_plots import write_plots
 from export.behavior_sequence_report import SEQUENCE_FIGURES, SEQUENCE_SECTIONS
 from models.data import load_digits_split
 from models.sequence import BatchNormSequenceLSTM, SequenceLSTM
@@ -44,32 +45,44 @@ def _unchanged(model: torch.nn.Module) -> Callable[[], bool]:
     return lambda: all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_length_accuracy_policies_agree_inside_and_are_all_measured(
-    models: tuple[Any, Any], split: tuple[torch.Tensor, ...]
-) -> None:
+LENGTHS = [2, 4, 6, 8, 14]  # 8: the report quotes the image's own length
+
+
+@pytest.fixture(scope="module")
+def report(models: tuple[Any, Any], split: tuple[torch.Tensor, ...]) -> dict[str, Any]:
+    """The three demonstrations, once for the module; the models must come back unchanged."""
     ln, bn = models
-    same = _unchanged(bn)
-    lengths = [2, 4, 6, 9, 12]
-    s = demos.demo_length_accuracy(ln, bn, *split[:2], lengths=lengths, alone_lengths=(9,))
-    assert same() and not bn.training
-    assert s["lengths"] == lengths and s["batchnorm_steps"] == STEPS
-    assert len(s["LayerNorm"]) == len(lengths)
+    same = _unchanged(bn), _unchanged(ln)
+    images, labels, validation = split
+    result = {
+        "length_accuracy": demos.demo_length_accuracy(
+            ln, bn, images, labels, lengths=LENGTHS, alone_lengths=(8,)
+        ),
+        "padding": demos.demo_padding(ln, bn, images, labels, validation, batch_size=16, passes=3),
+        "alone_vs_mixed": demos.demo_alone_vs_mixed(ln, bn, images, batch_size=4, companions=4),
+    }
+    assert all(check() for check in same) and not bn.training
+    return result
+
+
+def test_length_accuracy_policies_agree_inside_and_are_all_measured(
+    report: dict[str, Any],
+) -> None:
+    s = report["length_accuracy"]
+    assert s["lengths"] == LENGTHS and s["batchnorm_steps"] == STEPS
+    assert len(s["LayerNorm"]) == len(LENGTHS)
     policies = s["BatchNorm"]
     assert set(policies) == {"last", "pooled", "batch"}
-    for i, n in enumerate(lengths):
+    for i, n in enumerate(LENGTHS):
         if n <= STEPS:  # every policy is the same computation where statistics exist
             assert policies["last"][i] == policies["pooled"][i] == policies["batch"][i]
-    assert s["batch_alone"]["lengths"] == [9] and 0 <= s["batch_alone"]["accuracy"][0] <= 1
-    assert s["summary"]["lengths"]["inside"] == [4, 6, 9, 12]  # the training range, 4..12
+    assert s["batch_alone"]["lengths"] == [8] and 0 <= s["batch_alone"]["accuracy"][0] <= 1
+    groups = s["summary"]["lengths"]  # around the training range, 4..12
+    assert groups == {"inside": [4, 6, 8], "below": [2], "above": [14]}
 
 
-def test_padding_counts_real_rows_and_leaves_layernorm_alone(
-    models: tuple[Any, Any], split: tuple[torch.Tensor, ...]
-) -> None:
-    ln, bn = models
-    same = _unchanged(bn)
-    s = demos.demo_padding(ln, bn, *split, batch_size=16, passes=3)
-    assert same()
+def test_padding_counts_real_rows_and_leaves_layernorm_alone(report: dict[str, Any]) -> None:
+    s = report["padding"]
     lengths = torch.tensor(s["lengths"])
     steps = s["steps"]
     assert steps["real_rows"] == [int((lengths > t).sum()) for t in range(int(lengths.max()))]
@@ -85,11 +98,8 @@ def test_padding_counts_real_rows_and_leaves_layernorm_alone(
         assert max(drift["running_mean_change"][name]) > 0, name
 
 
-def test_one_sequence_alone_vs_in_mixed_batches(
-    models: tuple[Any, Any], split: tuple[torch.Tensor, ...]
-) -> None:
-    ln, bn = models
-    s = demos.demo_alone_vs_mixed(ln, bn, split[0], batch_size=4, companions=4)
+def test_one_sequence_alone_vs_in_mixed_batches(report: dict[str, Any]) -> None:
+    s = report["alone_vs_mixed"]
     for name in ("LayerNorm eval", "LayerNorm train", "BatchNorm eval"):
         assert s[name]["max_abs_difference"] <= ROUNDING, name
         assert s[name]["prediction_changed"] == 0
@@ -99,25 +109,12 @@ def test_one_sequence_alone_vs_in_mixed_batches(
     assert s["batchnorm_train_alone_any_input"] <= 1e-6
 
 
-def test_sections_and_figures_read_the_json(
-    models: tuple[Any, Any], split: tuple[torch.Tensor, ...], tmp_path: Any
-) -> None:
-    ln, bn = models
-    images, labels, validation = split
-    report = {
-        "length_accuracy": demos.demo_length_accuracy(
-            ln, bn, images, labels, lengths=[2, 8, 14], alone_lengths=(14,)
-        ),
-        "padding": demos.demo_padding(ln, bn, images, labels, validation, batch_size=16, passes=2),
-        "alone_vs_mixed": demos.demo_alone_vs_mixed(ln, bn, images, companions=2),
-    }
+def test_sections_and_figures_read_the_json(report: dict[str, Any], tmp_path: Any) -> None:
     for section in SEQUENCE_SECTIONS:
         title, text = section(report)
         assert title[:3] in {"10.", "11.", "12."} and "%" in text
     # The page serves the length figure under this name (service/webdata.py).
     assert f"{next(iter(SEQUENCE_FIGURES))}.png" == LENGTH_PLOT
-    from export.behavior_plots import write_plots
-
     files = write_plots(report, tmp_path, SEQUENCE_FIGURES)
     assert sorted(files) == sorted(SEQUENCE_FIGURES)
     assert all((tmp_path / f).read_bytes().startswith(b"\x89PNG") for f in files.values())

@@ -154,9 +154,9 @@ def test_batchnorm_policies_differ_only_past_the_trained_steps(digits: torch.Ten
 
 def test_training_on_varying_lengths_is_deterministic() -> None:
     full = load_digits_split()
-    # A quarter of the training digits: determinism does not need them all.
+    # An eighth of the training digits: determinism does not need them all.
     data = Digits(
-        Split(full.train.images[:256], full.train.labels[:256]), full.validation, full.test
+        Split(full.train.images[:128], full.train.labels[:128]), full.validation, full.test
     )
     first = train(SPEC, data, epochs=1, progress=None)
     second = train(SPEC, data, epochs=1, progress=None)

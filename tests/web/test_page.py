@@ -282,6 +282,9 @@ def test_drawing_gets_answers_from_every_served_model(
     request = watched.requests_to(CNN)[-1]
     (tensor,) = json.loads(request.post_data or "{}")["inputs"]
     assert tensor["shape"] == [1, 1, 8, 8] and len(tensor["data"]) == 64
+    # The sequence model ([-1, -1, 8]) reads the drawing as its 8 rows.
+    (rows,) = json.loads(watched.requests_to("digits_sequence")[-1].post_data or "{}")["inputs"]
+    assert rows["shape"] == [1, 8, 8] and rows["data"] == tensor["data"]
     assert 0 < max(tensor["data"]) <= 1 and min(tensor["data"]) >= 0
     expect(page.locator("#summary")).to_contain_text(f"{CNN} says")
     watched.assert_clean()
@@ -593,7 +596,7 @@ def test_drawing_keeps_one_request_per_model_in_flight_and_the_latest_wins(
     page.on("request", started)
     page.on("requestfinished", ended)
     page.on("requestfailed", ended)
-    models = [CNN, "digits_transformer", "digits_recurrent"]
+    models = [CNN, "digits_transformer", "digits_recurrent", "digits_sequence"]
 
     # Answers held in the browser until released: a server that is slow, deterministically.
     released: list[bool] = []
@@ -638,7 +641,12 @@ def test_drawing_keeps_one_request_per_model_in_flight_and_the_latest_wins(
         # The held first drawing, then only the latest; digits_cnn also answers the
         # batch-statistics panel once (its eval-mode row), for the finished stroke.
         sent = {model: len(watched.requests_to(model)) for model in models}
-        assert sent == {CNN: 3, "digits_transformer": 2, "digits_recurrent": 2}, sent
+        assert sent == {
+            CNN: 3,
+            "digits_transformer": 2,
+            "digits_recurrent": 2,
+            "digits_sequence": 2,
+        }, sent
         shapes = [
             json.loads(r.post_data or "{}")["inputs"][0]["shape"][0]
             for r in watched.requests_to(BATCHSTATS)

@@ -22,9 +22,20 @@ export async function loadModels() {
   return { index, models: metadata.map(describe) };
 }
 
+/**
+ * The per-row shape the page sends: the served one, except that a sequence input (one
+ * variable axis and 8 values per step, [-1, 8]) reads the digit as its 8 rows.
+ */
+function rowShape(shape) {
+  const dims = shape.slice(1);
+  const variable = dims.filter((d) => d === -1).length;
+  const step = dims.filter((d) => d > 0).reduce((a, b) => a * b, 1);
+  return variable === 1 && step === 8 ? dims.map((d) => (d === -1 ? 8 : d)) : dims;
+}
+
 function describe(meta) {
   const input = meta.inputs[0];
-  const dims = input.shape.slice(1);
+  const dims = rowShape(input.shape);
   const output = meta.outputs.find((o) => o.shape.length === 2) || meta.outputs[0];
   const parameters = meta.parameters || {};
   return {
@@ -38,7 +49,8 @@ function describe(meta) {
     labels: parameters.labels || Array.from({ length: output.shape[1] }, (_, i) => String(i)),
     batchDependent: parameters.batch_dependent === true,
     derivedFrom: parameters.derived_from || null,
-    // An 8x8 digit fits a single FP32 input of 64 values per row ([1,8,8], [8,8], [64] ...).
+    // An 8x8 digit fits a single FP32 input of 64 values per row ([1,8,8], [8,8], [64] ...,
+    // and a sequence of rows of 8 given 8 of them).
     fitsDigits:
       meta.inputs.length === 1 &&
       input.datatype === "FP32" &&
