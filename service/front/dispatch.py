@@ -183,8 +183,12 @@ def _compress(response: Response, scope: Scope) -> None:
     ``Accept-Encoding: gzip, deflate`` on every call but decompresses only inference results
     (its metadata calls would fail on a gzipped body), and error bodies are read uncompressed.
     """
-    accept = next((v for k, v in scope["headers"] if k == b"accept-encoding"), None)
-    coding = response_coding(accept.decode("latin-1")) if accept is not None else None
+    for name, value in scope["headers"]:
+        if name == b"accept-encoding":
+            coding = response_coding(value.decode("latin-1"))
+            break
+    else:
+        return
     if coding is not None and response.body:
         response.body = compress(response.body, coding)
         response.headers += [(b"content-encoding", coding.encode()), (b"vary", b"accept-encoding")]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 
@@ -68,11 +68,7 @@ def check_shape(name: str, value: Any, *, present: bool = True) -> tuple[int, ..
     if not present:
         raise InvalidInput(f"input {name!r}: missing 'shape'")
     # A request shape is concrete: -1 belongs in model metadata, never in the data sent.
-    valid = isinstance(value, list) and all(
-        type(dim) is int and dim >= 0
-        for dim in value  # type(): `true` is not a dimension
-    )
-    if not valid:
+    if not _is_dims(value):
         raise InvalidInput(
             f"input {name!r}: shape must be a list of non-negative integers, got {preview(value)}"
         )
@@ -82,24 +78,31 @@ def check_shape(name: str, value: Any, *, present: bool = True) -> tuple[int, ..
         )
     # Zero-sized tensors still get reshaped, and numpy refuses shapes whose non-zero dims
     # overflow its index type: refuse them here, with a message, instead of a 500 later.
-    if math.prod(dim for dim in value if dim) * MAX_ITEMSIZE > _MAX_BYTES:
+    if math.prod([dim for dim in value if dim]) * MAX_ITEMSIZE > _MAX_BYTES:
         raise InvalidInput(f"input {name!r}: shape {preview(value)} is too large")
     return tuple(value)
 
 
+def _is_dims(value: Any) -> TypeGuard[list[int]]:
+    """A list of non-negative ints (``type()``: ``true`` is not a dimension). A loop, not
+    ``all()`` over a generator: this runs for every input of every request."""
+    if type(value) is not list:
+        return False
+    for dim in value:  # noqa: SIM110 (the loop is the point)
+        if type(dim) is not int or dim < 0:
+            return False
+    return True
+
+
 def check_document(document: dict[str, Any], limits: Limits, text: bytes) -> None:
     """Tensor count, nesting depth and each input's declared element count."""
-    check_tensor_count(
-        sum(
-            len(v) for v in (document.get("inputs"), document.get("outputs")) if isinstance(v, list)
-        ),
-        limits,
-    )
+    inputs, outputs = document.get("inputs"), document.get("outputs")
+    inputs = inputs if isinstance(inputs, list) else []
+    check_tensor_count(len(inputs) + (len(outputs) if isinstance(outputs, list) else 0), limits)
     check_depth(document, limits.max_depth, text)
-    inputs = document.get("inputs")
-    for entry in inputs if isinstance(inputs, list) else []:
+    for entry in inputs:
         shape = entry.get("shape") if isinstance(entry, dict) else None
-        if isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape):
+        if _is_dims(shape):
             check_elements(entry.get("name"), shape, limits)
 
 
