@@ -36,7 +36,7 @@ from models.data import load_digits_split
 from service.repository import sha256_file
 
 ATOL = 1e-5
-MODELS = ("digits_cnn", "digits_recurrent", "digits_transformer")
+MODELS = ("digits_cnn", "digits_recurrent", "digits_transformer", "digits_sequence")
 SETTLE_S = 15.0  # bound on every wait for the server to finish what it was sent
 
 Outcome = httpx.Response | BaseException
