@@ -33,6 +33,10 @@ from service.settings import Settings
 
 # Flags that may be repeated (their values are joined with commas).
 REPEATABLE = {"load_model"}
+# No route is a WebSocket, and the image installs no WebSocket library, so uvicorn serves an
+# upgrade request as plain HTTP there. Said here, every install behaves as the image does and
+# uvicorn does not import a WebSocket library at start (~10 ms where one is installed).
+NO_WEBSOCKETS = "none"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,6 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log_config=log_config(settings.log_format, settings.log_level),
             access_log=False,  # the app writes its own access log
             http=GuardedHttpProtocol,  # header size, timeouts, connection cap
+            ws=NO_WEBSOCKETS,
             timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     else:
@@ -110,6 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 log_config=log_config(settings.log_format, settings.log_level),
                 access_log=False,
                 http=GuardedHttpProtocol,
+                ws=NO_WEBSOCKETS,
                 timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
             )
     return 0

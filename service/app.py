@@ -22,7 +22,6 @@ from service.front.decoding import BodyDecoder
 from service.front.dispatch import HttpFront
 from service.front.drain import drain_before_exit
 from service.front.limits import EARLY_REFUSAL
-from service.front.openapi import document
 from service.front.routing import Router
 from service.front.table import route_table
 from service.operations import tracing
@@ -60,7 +59,7 @@ class NormserveApp:
             metrics=self.metrics,
             samples=SamplesFile(settings.repository),
             decoder=BodyDecoder(),
-            openapi=document(self.router.routes),
+            routes=self.router.routes,
         )
         self.http = HttpFront(self.context, self.router, settings.access_log, traces)
         self.grpc: GrpcServer | None = None
@@ -70,7 +69,8 @@ class NormserveApp:
             await self.http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(scope, receive, send)
-        # websocket: not served; the server closes it
+        # websocket: no route is one (service.__main__ runs uvicorn without them; a server
+        # that sends one closes it when this returns)
 
     def openapi(self) -> dict[str, Any]:
         return self.context.openapi

@@ -45,7 +45,8 @@ class DigitSamples(BaseModel):
     """Images as integer intensities 0..scale (ints keep the file small; divide by ``scale``
     for the model input in [0, 1], ink = 1), row-major 8x8, and their class names."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Its validator is built when the page first asks for the samples, not at every start.
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
     source: str
     scale: Annotated[int, Field(ge=1)] = 16

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from service.front.decoding import BodyDecoder
+from service.front.openapi import document
+from service.front.routing import Route
 from service.operations.metrics import Metrics
 from service.protocol.handlers import Protocol
 from service.settings import Settings
@@ -19,5 +22,14 @@ class Context:
     metrics: Metrics
     samples: SamplesFile
     decoder: BodyDecoder
-    # The OpenAPI document, built on first request from the route table (service.front.openapi).
-    openapi: dict[str, Any] = field(default_factory=dict)
+    # The route table, which the OpenAPI document describes.
+    routes: Sequence[Route] = ()
+    _openapi: dict[str, Any] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def openapi(self) -> dict[str, Any]:
+        """The OpenAPI document (service.front.openapi), built at its first request: a
+        server that is never asked for it never builds it, and start-up does not wait."""
+        if self._openapi is None:
+            self._openapi = document(self.routes)
+        return self._openapi

@@ -33,7 +33,6 @@ from service.repository import (
     model_names,
     read_model,
 )
-from service.serving.override import OverrideError, apply_override
 from service.serving.store import ModelStore, Served
 
 log = logging.getLogger("normserve.control")
@@ -155,6 +154,9 @@ class ModelControl:
         except RepositoryError as exc:
             raise self._failed(name, str(exc)) from None
         if override is not None:
+            # Imported at the first load that has one: its models cost every start ~6 ms.
+            from service.serving.override import OverrideError, apply_override
+
             try:
                 config = apply_override(config, override)
             except OverrideError as exc:
