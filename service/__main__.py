@@ -16,19 +16,18 @@ import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from service import collector
 
-from service.errors import RepositoryError
-from service.operations.logs import LogFormat, emit_error, log_config
-from service.operations.logs import configure as configure_logging
-from service.repository import list_models, scan_repository
-from service.settings import Settings
+if TYPE_CHECKING:
+    from service.operations.logs import LogFormat
+    from service.settings import Settings
 
-# The server's own modules (uvicorn, the app, onnxruntime behind it) are imported in main():
-# the process that decodes large bodies (service.front.decoding) starts by importing this
-# module as its __main__, and needs none of them (58 -> ~35 MB).
+# Everything else (pydantic and the settings, uvicorn, the app, onnxruntime behind it) is
+# imported in main(), after the garbage collector is held (service.collector); and the
+# process that decodes large bodies (service.front.decoding) starts by importing this module
+# as its __main__, and needs none of them.
 
 
 # Flags that may be repeated (their values are joined with commas).
@@ -40,6 +39,22 @@ NO_WEBSOCKETS = "none"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    collector.hold()  # until the app has started (service.app resumes it)
+    try:
+        return _serve(argv)
+    finally:
+        collector.release()  # when it never got that far (invalid settings, say)
+
+
+def _serve(argv: Sequence[str] | None) -> int:
+    from pydantic import ValidationError
+
+    from service.errors import RepositoryError
+    from service.operations.logs import configure as configure_logging
+    from service.operations.logs import emit_error, log_config
+    from service.repository import list_models, scan_repository
+    from service.settings import Settings
+
     parser = argparse.ArgumentParser(
         prog="python -m service",
         description="Serve a model repository over the Open Inference Protocol and V1 JSON.",
@@ -101,7 +116,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     else:
-        # Worker processes import the app by name and rebuild Settings from the environment.
+        # This process only supervises the workers, which are fresh interpreters that import
+        # the app by name and rebuild Settings from the environment.
+        collector.release()
         _export_environment(settings)
         with _shared_metrics_directory():
             uvicorn.run(

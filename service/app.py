@@ -16,6 +16,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from service import collector
 from service.front.asgi import Receive, Scope, Send
 from service.front.context import Context
 from service.front.decoding import BodyDecoder
@@ -83,6 +84,8 @@ class NormserveApp:
             log.error("start-up failed: %s", exc, exc_info=not isinstance(exc, ValueError))
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
+        finally:
+            collector.started()  # held by python -m service while the server started
         # For the connections of service.front.limits: refusals at headers-complete.
         if "state" in scope:
             scope["state"][EARLY_REFUSAL] = self.http.refuse_early
