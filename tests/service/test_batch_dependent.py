@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from batching import submit_together
 from starlette.testclient import TestClient
 from tiny_onnx import FEATURES, batch_mean_repository, centered
 
@@ -41,13 +42,7 @@ def _model(repository: Path) -> OnnxModel:
 
 
 async def _submit_together(batcher: Batcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """All requests enqueued before the batcher's loop runs once: they wait together."""
-    batcher.start()
-    try:
-        results = await asyncio.gather(*(batcher.submit({"x": x}) for x in inputs))
-    finally:
-        await batcher.stop()
-    return [r["centered"] for r in results]
+    return await submit_together(batcher, inputs, "centered")
 
 
 @pytest.mark.parametrize("merge", [False, True])

@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http.aio as aioclient
+from batching import submit_together
 from pydantic import ValidationError
 from servers import RunningServer, running_server
 from tiny_onnx import FEATURES, SEQUENCE_MAX_LENGTH, sequence_expected, sequence_repository
@@ -93,13 +94,7 @@ def _batcher(repository: Path, records: list[BatchRecord], delay_s: float) -> Ba
 
 
 async def _submit_together(batcher: Batcher, inputs: list[np.ndarray]) -> list[np.ndarray]:
-    """All requests enqueued before the batcher's loop runs once: they wait together."""
-    batcher.start()
-    try:
-        results = await asyncio.gather(*(batcher.submit({"x": x}) for x in inputs))
-    finally:
-        await batcher.stop()
-    return [r["scores"] for r in results]
+    return await submit_together(batcher, inputs, "scores")
 
 
 @pytest.mark.parametrize("delay_s", [0.0, 0.05])
