@@ -360,21 +360,23 @@ def perf_analyzer_rows(
     grpc_url: str | None = None,
 ) -> dict[str, Any]:
     """Triton's own load generator against the same server and sample as wrk, binary and
-    JSON, and over gRPC (raw contents, ``-i grpc``) when ``grpc_url`` is given: its client
-    latencies and the server-side breakdown it reads from the statistics."""
+    JSON, and over gRPC (raw contents, ``-i grpc``) when ``grpc_url`` is given, unary calls
+    and ModelStreamInfer (``--streaming``: what tritonclient's ``start_stream`` uses): its
+    client latencies and the server-side breakdown it reads from the statistics."""
     reason = perf_analyzer_available()
     if reason is not None:
         log(f"perf_analyzer skipped: {reason}")
         return {"skipped": reason}
     rows = []
-    ways: list[tuple[str, str, str]] = [
-        ("http", "binary", "v2-binary"),
-        ("http", "json", "v2-json"),
+    ways: list[tuple[str, str, str, tuple[str, ...]]] = [
+        ("http", "binary", "v2-binary", ()),
+        ("http", "json", "v2-json", ()),
     ]
     if grpc_url is not None:
-        ways.append(("grpc", "binary", "grpc-raw"))
+        ways.append(("grpc", "binary", "grpc-raw", ()))
+        ways.append(("grpc", "binary", "grpc-stream", ("--streaming",)))
     for concurrency in concurrencies:
-        for protocol, fmt, label in ways:
+        for protocol, fmt, label, extra in ways:
             r = run_perf_analyzer(
                 url.removeprefix("http://") if protocol == "http" else grpc_url or "",
                 model,
@@ -386,6 +388,7 @@ def perf_analyzer_rows(
                 stability_percent=1000,  # any 3 windows: a shared VM is never "stable"
                 max_trials=3,
                 workdir=work,
+                extra_args=extra,
             )
             s = r.server
             log(

@@ -89,7 +89,7 @@ def test_perf_analyzer_rows_beside_wrk(smoke_report: dict[str, Any]) -> None:
     if "skipped" in pa:
         pytest.skip(f"perf_analyzer: {pa['skipped']}")
     assert {(r["format"], r["concurrency"]) for r in pa["rows"]} == {
-        (f, c) for f in ("v2-binary", "v2-json", "grpc-raw") for c in (1, 64)
+        (f, c) for f in ("v2-binary", "v2-json", "grpc-raw", "grpc-stream") for c in (1, 64)
     }
     for row in pa["rows"]:
         server = row["server"]
@@ -138,7 +138,8 @@ def test_goal_arithmetic() -> None:
             {"format": f, "concurrency": c, "throughput_per_s": rps, "p50_us": p50}
             for f, c, rps, p50 in (
                 ("v2-binary", 64, 900.0, 9000.0), ("grpc-raw", 64, 1080.0, 9000.0),
-                ("v2-binary", 1, 500.0, 700.0), ("grpc-raw", 1, 480.0, 750.0))
+                ("v2-binary", 1, 500.0, 700.0), ("grpc-raw", 1, 480.0, 750.0),
+                ("grpc-stream", 64, 450.0, 9000.0), ("grpc-stream", 1, 400.0, 900.0))
         ]}, "rss_after_load_bytes": {"normserve": 100 * 2**20}}},
     }  # fmt: skip
     goals = {g["goal"]: g for g in evaluate_goals(report)}
@@ -157,6 +158,10 @@ def test_goal_arithmetic() -> None:
     assert math.isclose(grpc_rate["measured"], 1.2) and grpc_rate["met"] is True
     grpc_p50 = goals["m: c=1 p50 gRPC raw minus HTTP binary (perf_analyzer)"]
     assert math.isclose(grpc_p50["measured"], 0.05) and grpc_p50["met"] is True
+    stream_rate = goals["m: gRPC stream req/s at c=64 vs HTTP binary (perf_analyzer)"]
+    assert math.isclose(stream_rate["measured"], 0.5) and stream_rate["met"] is False
+    stream_p50 = goals["m: c=1 p50 gRPC stream minus HTTP binary (perf_analyzer)"]
+    assert math.isclose(stream_p50["measured"], 0.2) and stream_p50["met"] is False
 
 
 def test_export_time_is_measured_side_by_side(smoke_report: dict[str, Any]) -> None:
