@@ -38,6 +38,7 @@ DISCONNECT_WATCH = "normserve.disconnect_watch"
 # Where it offers the request's response cycle, to answer in one write (writes.answer);
 # under another server answers go through the ASGI ``send``.
 RESPONSE_CYCLE = "normserve.response_cycle"
+_GONE = "the client disconnected before its answer was ready"
 
 
 class DisconnectWatch(Protocol):
@@ -112,15 +113,13 @@ class Request:
             return await self._watching(result)
         if watch.lost:
             result.cancel()
-            raise ClientDisconnected("the client disconnected before its answer was ready")
+            raise ClientDisconnected(_GONE)
         watch.watched = result
         try:
             return await result
         except asyncio.CancelledError:
             if watch.lost:
-                raise ClientDisconnected(
-                    "the client disconnected before its answer was ready"
-                ) from None
+                raise ClientDisconnected(_GONE) from None
             raise  # the server cancelled this request (shutdown): not the client's doing
         finally:
             watch.watched = None
@@ -132,9 +131,7 @@ class Request:
             return await result
         except asyncio.CancelledError:
             if watcher.done() and not watcher.cancelled() and watcher.exception() is None:
-                raise ClientDisconnected(
-                    "the client disconnected before its answer was ready"
-                ) from None
+                raise ClientDisconnected(_GONE) from None
             raise  # the server cancelled this request (shutdown): not the client's doing
         finally:
             watcher.cancel()
