@@ -56,14 +56,21 @@ def tree_rss_bytes(pid: int) -> int:
     process, as ``ps`` and container memory limits per process would: it is what N separate
     processes cost, measured the same way for both servers.
     """
-    total = 0
-    for member in [pid, *descendants(pid)]:
-        try:
-            status = Path(f"/proc/{member}/status").read_text()
-        except OSError:
-            continue  # exited meanwhile
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024  # kB
-                break
-    return total
+    return sum(_rss_bytes(member) for member in [pid, *descendants(pid)])
+
+
+def largest_rss_bytes(pid: int) -> int:
+    """The VmRSS of the largest process among ``pid`` and its descendants: one worker's
+    memory when the server runs several (the supervisor holds no models)."""
+    return max(_rss_bytes(member) for member in [pid, *descendants(pid)])
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0  # exited meanwhile
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024  # kB
+    return 0

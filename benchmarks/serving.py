@@ -129,7 +129,9 @@ def running_normserve(
     port, grpc_port = free_port(), free_port()
     log = log_dir / f"{name}.log"
     env = {
-        **os.environ,
+        # The caller's NORMSERVE_* variables would change what is measured unseen: every
+        # server here runs the defaults but for ``settings``.
+        **{k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")},
         "PYTHONPATH": str(ROOT),
         "NORMSERVE_ACCESS_LOG": "false",  # a log line per request would be measured too
         "NORMSERVE_LOG_LEVEL": "warning",

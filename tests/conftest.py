@@ -25,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # gRPC listens on 8001 by default: every app and server a test starts would want that one
 # port. Off unless a test asks for it (tests/servers.py: running_server(..., grpc=True)).
 os.environ["NORMSERVE_GRPC_PORT"] = "0"
+# One worker process, not the default 'auto' (one per CPU): most tests observe one process's
+# batches, queues, connections and counters. The default has tests of its own, which remove
+# this (tests/service/test_main.py, tests/service/test_app.py).
+os.environ["NORMSERVE_WORKERS"] = "1"
 # A folder of trained checkpoints for built_repository to start from (see there).
 CACHED_CHECKPOINTS = "NORMSERVE_TEST_CHECKPOINTS"
 

@@ -15,8 +15,9 @@ from starlette.testclient import TestClient
 from tiny_onnx import CLASSES, FEATURES, expected, tiny_repository
 
 from service import collector
+from service import settings as settings_module
 from service.app import create_app
-from service.settings import Settings, cpu_budget
+from service.settings import AUTO_WORKERS_MAX, Settings, auto_workers, cpu_budget
 
 ATOL = 1e-5
 
@@ -196,8 +197,31 @@ def test_metrics_count_requests_by_status_without_inventing_labels(repository: P
 
 def test_auto_workers_is_one_per_cpu_each_with_one_thread() -> None:
     settings = Settings(workers="auto")  # type: ignore[arg-type]  # as the flag/env give it
-    assert settings.workers == cpu_budget()
-    assert settings.threads_per_session == 1
+    assert settings.workers == min(cpu_budget(), AUTO_WORKERS_MAX)
+    assert settings.threads_per_session == max(1, cpu_budget() // settings.workers)
+
+
+def test_workers_default_to_auto_and_to_one_in_explicit_mode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("NORMSERVE_WORKERS")  # tests/conftest.py pins 1
+    assert Settings().workers == auto_workers() == min(cpu_budget(), AUTO_WORKERS_MAX)
+    assert Settings(workers=" AUTO ").workers == auto_workers()  # type: ignore[arg-type]
+    # A load or unload request would reach one worker only: auto means one there, from a
+    # flag or from the environment alike; a number asked for is still refused.
+    assert Settings(model_control_mode="explicit").workers == 1
+    monkeypatch.setenv("NORMSERVE_MODEL_CONTROL_MODE", "explicit")
+    assert Settings().workers == 1
+    if cpu_budget() > 1:
+        with pytest.raises(ValueError, match="explicit needs workers=1"):
+            Settings(workers=2)
+
+
+def test_auto_workers_are_capped_on_a_large_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "cpu_budget", lambda: 64)
+    monkeypatch.delenv("NORMSERVE_WORKERS")
+    settings = Settings()
+    assert (settings.workers, settings.threads_per_session) == (AUTO_WORKERS_MAX, 16)
 
 
 def test_settings_refuse_more_threads_than_cpus() -> None:
