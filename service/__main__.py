@@ -94,11 +94,12 @@ def _serve(argv: Sequence[str] | None) -> int:
     configure_logging(settings.log_format, settings.log_level)
     import uvicorn
 
-    from service.app import create_app
     from service.front.limits import GuardedHttpProtocol, configure
 
     configure(settings)  # raises the open-file limit here, so worker processes inherit it
     if settings.workers == 1:
+        from service.app import create_app
+
         # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies by
         # the signal (status 143). The shutdown was clean, so exit 0, as Triton does: a no-op
         # handler absorbs the re-raised signal and main() returns normally.
@@ -116,11 +117,11 @@ def _serve(argv: Sequence[str] | None) -> int:
             timeout_graceful_shutdown=math.ceil(settings.graceful_shutdown_s),
         )
     else:
-        # This process only supervises the workers, which are fresh interpreters that import
-        # the app by name and rebuild Settings from the environment.
-        collector.release()
+        # This process only supervises the workers, which rebuild Settings from the
+        # environment and build their app, models and threads themselves.
         _export_environment(settings)
         with _shared_metrics_directory():
+            _fork_workers()  # after the directory is set: prometheus-client reads it at import
             uvicorn.run(
                 "service.app:app_from_environment",
                 factory=True,
@@ -138,6 +139,32 @@ def _serve(argv: Sequence[str] | None) -> int:
     return 0
 
 
+def _fork_workers() -> None:
+    """Workers forked from this process once it has imported the server, instead of
+    uvicorn's default: fresh interpreters (multiprocessing's spawn) that import everything
+    again, ~0.5 s of CPU each, all at once.
+
+    Forking is safe at this point: no model is loaded and no session, event loop or thread
+    pool of ours exists yet (each worker makes its own after the fork; onnxruntime and numpy
+    were checked to work in a child forked after their import). What the imports built is
+    frozen out of the collector first, so its passes in the workers do not copy those pages,
+    and each worker holds the collector until its app has started (service.collector).
+    uvicorn names the context it starts workers with in ``uvicorn._subprocess.spawn``
+    (pyproject.toml bounds uvicorn's version; tests/service/test_operations.py proves the
+    workers are forked); where it does not, its spawned workers serve as before.
+    """
+    import multiprocessing
+
+    from uvicorn import _subprocess
+
+    import service.app  # noqa: F401  # what the workers inherit instead of importing
+
+    collector.started()
+    os.register_at_fork(after_in_child=collector.hold)
+    if hasattr(_subprocess, "spawn"):
+        _subprocess.spawn = multiprocessing.get_context("fork")  # type: ignore[assignment]
+
+
 @contextlib.contextmanager
 def _shared_metrics_directory() -> Iterator[None]:
     """Where the workers' metric files go (see service.operations.metrics), set before they
@@ -146,7 +173,7 @@ def _shared_metrics_directory() -> Iterator[None]:
     A directory given in PROMETHEUS_MULTIPROC_DIR is used, emptied of an earlier run's files
     first (prometheus-client's rule); otherwise a private one is made and removed at exit.
     """
-    from service.operations.metrics import MULTIPROC_ENV
+    from service.operations import MULTIPROC_ENV
 
     given = os.environ.get(MULTIPROC_ENV)
     directory = Path(given) if given else Path(tempfile.mkdtemp(prefix="normserve-metrics-"))

@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 from servers import ROOT, running_server
-from tiny_onnx import tiny_repository
+from tiny_onnx import FEATURES, tiny_repository
+
+from service.settings import cpu_budget
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -64,3 +67,29 @@ def test_flags_beat_variables_and_the_access_log_is_json(
     entry = json.loads(lines[0])  # the whole line (service.operations.logs)
     assert entry["request_id"] == "probe-7" and entry["status"] == 200
     assert entry["method"] == "GET" and entry["path"] == "/v2" and entry["ms"] >= 0
+
+
+@pytest.mark.skipif(cpu_budget() < 2, reason="two workers need two CPUs here")
+def test_forked_workers_count_every_request_in_the_private_metrics_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no PROMETHEUS_MULTIPROC_DIR given, python -m service makes one before its workers
+    start; prometheus-client reads it at import, and the workers are forked with it imported,
+    so it must be set before anything imports the metrics (service.operations)."""
+    monkeypatch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)
+    requests = 8
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": [1, FEATURES], "data": [1.0] * FEATURES}
+            ]
+        }
+    )
+    with running_server(tiny_repository(tmp_path), tmp_path, "--workers", "2") as server:
+        for _ in range(requests):  # a new connection each: the workers share them out
+            response = httpx.post(f"{server.http_url}/v2/models/tiny/infer", content=body)
+            assert response.status_code == 200, response.text
+        line = 'normserve_requests_total{model="tiny",protocol="v2",status="200"}'
+        text = httpx.get(f"{server.http_url}/metrics").text
+        counts = [float(x.split()[-1]) for x in text.splitlines() if x.startswith(line)]
+        assert counts == [requests], text[-2000:]

@@ -90,8 +90,12 @@ def test_default_workers_split_the_cpu_budget_and_share_one_metrics_and_stats_vi
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(shared))
     requests = 24
     with running_server(repository, tmp_path) as srv:
+        # Forked from the supervisor once it has imported the server (service.__main__),
+        # not spawned as fresh interpreters: the same command line as the supervisor's.
+        own = Path(f"/proc/{srv.proc.pid}/cmdline").read_bytes()
         commands = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid in descendants(srv.proc.pid)]
-        assert sum(b"spawn_main" in c for c in commands) == workers, commands
+        assert commands.count(own) == workers, commands
+        assert not any(b"spawn_main" in c for c in commands), commands
         config = httpx.get(f"{srv.http_url}/v2/models/digits_cnn/config").json()
         threads = int(config["parameters"]["intra_op_thread_count"]["string_value"])
         assert threads == cpu_budget() // workers
