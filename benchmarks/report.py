@@ -162,32 +162,28 @@ def _http_goals(report: dict[str, Any], model: str, threads: int) -> list[dict[s
     http = report["http"][model]
     b32 = _engine(report, model, SERVED, threads).get("samples_per_s_b32", math.nan)
     servers = http.get("servers", {"normserve": {"workers": 1, "threads": threads}})
+    peer = _http(report, model, "mlserver", "v2-json", 64).get("requests_per_s", math.nan)
     goals = []
     for server in servers:
         suffix = "" if server == "normserve" else f" ({server.removeprefix('normserve, ')})"
         rate = _http(report, model, server, "v2-binary", 64).get("requests_per_s", math.nan)
-        goals.append(
+        ours = _http(report, model, server, "v2-json", 64).get("requests_per_s", math.nan)
+        goals += [
             _goal(
                 f"{model}: V2 binary req/s at c=64 vs in-process b32 ({threads} threads){suffix}",
                 rate / b32,
                 ">= 0.5",
                 rate / b32 >= 0.5,
                 f"{rate:.0f} req/s vs {b32:.0f} samples/s",
-            )
-        )
-    peer = _http(report, model, "mlserver", "v2-json", 64).get("requests_per_s", math.nan)
-    for server in servers:
-        suffix = "" if server == "normserve" else f" ({server.removeprefix('normserve, ')})"
-        ours = _http(report, model, server, "v2-json", 64).get("requests_per_s", math.nan)
-        goals.append(
+            ),
             _goal(
                 f"{model}: V2 JSON req/s at c=64 vs MLServer{suffix}",
                 ours / peer,
                 ">= 4",
                 ours / peer >= 4,
                 f"{ours:.0f} vs {peer:.0f} req/s",
-            )
-        )
+            ),
+        ]
     concurrencies = sorted({r["concurrency"] for r in http["series"]})
     worse = []
     for c in concurrencies:
