@@ -35,7 +35,7 @@ from benchmarks.report import evaluate_goals, plot, write_markdown
 from benchmarks.sequence import sequence_benchmark
 from benchmarks.serving import bench_repository, bodies, running_normserve
 from benchmarks.wrk import wrk_available
-from service.settings import auto_workers, cpu_budget
+from service.settings import auto_workers, session_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 # The variable-length model's load points: one client, and the 64 connections the issue asks
@@ -310,7 +310,7 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
         ]
         workers = auto_workers()
         result["servers"] = {
-            "normserve": {"workers": workers, "threads": cpu_budget() // workers},
+            "normserve": {"workers": workers, "threads": session_threads(workers)},
         }
         if workers > 1:
             # The default (workers=auto) against one process with every thread: the event
@@ -329,7 +329,7 @@ def http_benchmark(model: Exported, args: argparse.Namespace, work: Path) -> dic
                 Target(SINGLE_SERVER, single.url, single.pid, wire[f])
                 for f in ("v2-json", "v2-binary")
             ]
-            result["servers"][SINGLE_SERVER] = {"workers": 1, "threads": cpu_budget()}
+            result["servers"][SINGLE_SERVER] = {"workers": 1, "threads": session_threads(1)}
         result["cold_start_s"] = {"normserve": on.cold_start_s}
         peer = None if args.no_mlserver else start_mlserver(stack, model, args, work, wire)
         if peer is not None:

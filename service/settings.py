@@ -21,11 +21,11 @@ from service.repository import MODEL_NAME
 OptimizationLevel = Literal["disable", "basic", "extended", "all"]
 AUTO = "auto"
 # The default number of workers: one per CPU available, up to this many. On 2 cores, 2
-# workers × 1 onnxruntime thread answered 1.42x (binary) and 1.56x (JSON) the requests/s of
+# workers × 1 onnxruntime thread answered 1.40x (binary) and 1.48x (JSON) the requests/s of
 # 1 × 2 at 64 connections, because one process is limited by its event loop, not by
-# onnxruntime (README: Batching and threads). Each worker holds its own models and pays its
-# own start-up, and its sessions get CPUs ÷ workers threads, so a large host gets a few
-# workers with several threads each rather than one single-threaded worker per core.
+# onnxruntime (README: Choosing the number of workers). Each worker holds its own models and
+# its sessions get CPUs ÷ workers threads, so a large host gets a few workers with several
+# threads each rather than one single-threaded worker per core.
 AUTO_WORKERS_MAX = 4
 # File descriptors kept back from max_connections: an idle server holds 16 (listening socket,
 # event loop, logs, metric files); model loads and onnxruntime open more for a moment.
@@ -246,7 +246,12 @@ class Settings(BaseSettings):
 
     @property
     def threads_per_session(self) -> int:
-        return self.intra_op_threads or max(1, cpu_budget() // self.workers)
+        return self.intra_op_threads or session_threads(self.workers)
+
+
+def session_threads(workers: int) -> int:
+    """onnxruntime threads per session by default: the CPU budget split between workers."""
+    return max(1, cpu_budget() // workers)
 
 
 def auto_workers() -> int:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ["NORMSERVE_GRPC_PORT"] = "0"
 # One worker process, not the default 'auto' (one per CPU): most tests observe one process's
 # batches, queues, connections and counters. The default has tests of its own, which remove
-# this (tests/service/test_main.py, tests/service/test_app.py).
+# this (tests/service/test_app.py, tests/service/test_operations.py).
 os.environ["NORMSERVE_WORKERS"] = "1"
 # A folder of trained checkpoints for built_repository to start from (see there).
 CACHED_CHECKPOINTS = "NORMSERVE_TEST_CHECKPOINTS"
